@@ -27,7 +27,7 @@ prepare: venv
 	$(BIN)/recforge prepare all
 
 demo: prepare
-	$(BIN)/python -m rl.demo
+	$(BIN)/recforge run rec_reasoning --config debug
 
 test: venv
 	$(BIN)/python -m pytest -q tests

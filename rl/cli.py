@@ -73,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.submit import main as submit_main
 
         return submit_main(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow or precede --config; argparse's subparsers stop at the first positional, so collect the
+    # `key=value` leftovers here and reject anything else.
+    args, extra = parser.parse_known_args(argv)
+    bad = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+    if bad or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if args.command == "run":
+        args.overrides = [*args.overrides, *extra]
     if args.command == "prepare":
         from rl.assets import prepare
 

@@ -122,6 +122,12 @@ class RewardSpec:
     """GPUs reserved per reward actor (model-based rewards)."""
     threshold: float | None = None
     """Gate threshold τ for the "constrained" combiner (None = this reward is the accuracy term)."""
+    alias: str | None = None
+    """Name of this reward in metrics (`reward/<alias>`), results and the cache (None = `name`); set it when the
+    same reward appears twice with different kwargs."""
+    deterministic: bool | None = None
+    """Whether a (sample, completion) always gets the same result, so results may be cached; None = as the reward
+    declares with `@reward(..., deterministic=...)` (plain functions: not deterministic)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +136,9 @@ class RewardConfig:
     """Rewards computed for every rollout."""
     combiner: Literal["weighted_sum", "constrained"] = "weighted_sum"
     """How reward scores combine into one scalar per rollout."""
+    cache_size: int = field(default=100_000, metadata=_range(0))
+    """Most results of deterministic rewards kept in the driver's cache, keyed by (reward, sample id, completion
+    hash), least recently used evicted first; 0 = no cache."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +236,7 @@ class Config:
 
 def _did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    close = close or [o for o in options if o.startswith(word) or word.startswith(o)][:1]
     return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(options))}."
 
 

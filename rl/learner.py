@@ -1,0 +1,281 @@
+"""DeepSpeed learners: one `Learner` per rank, one torch.distributed group, driven by a `LearnerGroup` handle.
+
+This is the only module that imports deepspeed. A `Learner` is a plain class (tests build it without Ray); the
+`LearnerGroup` on the driver wraps it in Ray actors, sets up the process group (rank 0's address and a free port
+passed to every rank), shards each `TrainBatch` over the ranks and gathers metrics.
+
+One optimiser step per training step (GRPO with a single update per batch): `old_logprobs` equal the learner's own
+log-probs before the update (detached), so the ratio is 1 in value and carries the gradient; the sampler's log-probs
+feed the truncated importance-sampling correction and the `rollout/logprob_mismatch` metric.
+
+Gradient accumulation: the driver computes the loss denominator over the *global* batch; every micro-batch loss is
+divided by it and summed, and multiplied by the world size because DeepSpeed averages gradients over ranks. With
+`managed_gradient_accumulation: false`, `backward()` only accumulates and `step()` is the single update.
+
+Shape legend: B sequences, T tokens, H hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import deepspeed
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from rl.config import AlgorithmConfig, LearnerConfig
+from rl.kernels import fused_logprob_entropy
+from rl.losses import policy_loss
+from rl.types import TrainBatch
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def deepspeed_config(cfg: LearnerConfig, *, bf16: bool, world_size: int) -> dict:
+    """The DeepSpeed config for one optimiser step per `train` call with caller-owned accumulation."""
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.micro_batch_size * world_size,
+        "managed_gradient_accumulation": False,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+                       "torch_adam": True},
+        },
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.warmup_steps > 0:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps,
+                       "warmup_type": "linear"},
+        }
+    return config
+
+
+def micro_batches(batch: TrainBatch, size: int, count: int) -> Iterator[TrainBatch]:
+    """Split `batch` into exactly `count` micro-batches of at most `size` sequences, trimming padding columns.
+
+    Ranks must run the same number of forward/backward passes (ZeRO's collectives), so a rank with fewer sequences
+    gets empty-mask micro-batches (one repeated sequence with loss_mask 0: it contributes nothing to the loss).
+    """
+    num = batch.num_sequences
+    for i in range(count):
+        lo, hi = i * size, min((i + 1) * size, num)
+        if lo >= num:
+            part = _slice(batch, 0, 1)
+            yield replace(part, loss_mask_BT=torch.zeros_like(part.loss_mask_BT))
+        else:
+            yield _slice(batch, lo, hi)
+
+
+def _slice(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
+    attention_BT = batch.attention_mask_BT[lo:hi]
+    width = int(attention_BT.sum(-1).max().item())
+    return TrainBatch(
+        input_ids_BT=batch.input_ids_BT[lo:hi, :width],
+        attention_mask_BT=attention_BT[:, :width],
+        loss_mask_BT=batch.loss_mask_BT[lo:hi, :width],
+        old_logprobs_BT=batch.old_logprobs_BT[lo:hi, :width],
+        advantages_BT=batch.advantages_BT[lo:hi, :width],
+        group_ids_B=batch.group_ids_B[lo:hi],
+    )
+
+
+class Learner:
+    """One DeepSpeed rank: policy (and optional frozen reference), fused log-probs, GRPO-family update."""
+
+    def __init__(self, *, model_path: str, learner_cfg: LearnerConfig, algorithm_cfg: AlgorithmConfig,
+                 dtype: str, temperature: float, rank: int, world_size: int, seed: int,
+                 max_completion_length: int, num_threads: int | None = None) -> None:
+        self.cfg, self.algo = learner_cfg, algorithm_cfg
+        self.model_path, self.dtype = model_path, resolve_dtype(dtype)
+        self.temperature, self.rank, self.world_size, self.seed = temperature, rank, world_size, seed
+        self.max_completion_length = max_completion_length
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.engine = None
+        self.ref_model = None
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        """This rank's IP and a free port (asked of rank 0 to rendezvous the group)."""
+        return socket.gethostbyname(socket.gethostname()), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group and build the DeepSpeed engine (collective: every rank calls it together)."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if not torch.cuda.is_available()
+                          else os.environ.get("LOCAL_RANK", "0"))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        ds_config = deepspeed_config(self.cfg, bf16=self.dtype == torch.bfloat16, world_size=self.world_size)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        if self.algo.kl_coef > 0:
+            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+            self.ref_model = ref.eval().requires_grad_(False).to(self.device)
+        log.info("learner rank %d/%d ready (ZeRO-%d, %s)", self.rank, self.world_size, self.cfg.zero_stage,
+                 self.dtype)
+
+    # -- log-probs -----------------------------------------------------------------------------------------------
+
+    def _lm_head_weight(self, model: torch.nn.Module):
+        """The output projection's weight, gathered under ZeRO-3 for the call (and again in backward)."""
+        weight = model.get_output_embeddings().weight
+        if self.cfg.zero_stage == 3 and hasattr(weight, "ds_id") and model is self.engine.module:
+            return deepspeed.zero.GatheredParameters([weight], modifier_rank=None), weight
+        return contextlib.nullcontext(), weight
+
+    def token_logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-prob of each input token given its prefix, and the entropy there: (B, T) each, fp32.
+
+        Position t holds log p(x_t | x_<t); position 0 and positions outside `loss_mask_BT` are 0. Only loss rows
+        are computed (the fused kernel skips ignored rows), and logits are never materialised for the batch.
+        """
+        input_ids_BT = batch.input_ids_BT.to(self.device)
+        attention_BT = batch.attention_mask_BT.to(self.device)
+        out = model.get_decoder()(input_ids=input_ids_BT, attention_mask=attention_BT)
+        hidden_BTH = out.last_hidden_state
+        B, T, H = hidden_BTH.shape
+        targets_BT = torch.full_like(input_ids_BT, IGNORE_INDEX)
+        loss_mask_BT = batch.loss_mask_BT.to(self.device) > 0
+        targets_BT[:, 1:] = torch.where(loss_mask_BT[:, 1:], input_ids_BT[:, 1:], IGNORE_INDEX)
+        hidden_NH = hidden_BTH[:, :-1].reshape(-1, H)
+        gather_ctx, weight_VH = self._lm_head_weight(model)
+        with gather_ctx:
+            logprob_N, entropy_N = fused_logprob_entropy(
+                hidden_NH, weight_VH, targets_BT[:, 1:].reshape(-1), self.temperature,
+                chunk_size=self.cfg.logprob_chunk_size,
+            )
+        zeros_B1 = torch.zeros(B, 1, device=self.device, dtype=torch.float32)
+        logprobs_BT = torch.cat([zeros_B1, logprob_N.view(B, T - 1)], dim=1)
+        entropy_BT = torch.cat([zeros_B1, entropy_N.view(B, T - 1)], dim=1)
+        return logprobs_BT, entropy_BT
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Current policy log-probs (B, T) without gradient, on CPU (parity checks, diagnostics)."""
+        self.engine.module.eval()
+        return self.token_logprobs(self.engine.module, batch)[0].cpu()
+
+    # -- update --------------------------------------------------------------------------------------------------
+
+    def train(self, batch: TrainBatch, *, loss_denominator: float, num_micro_batches: int,
+              entropy_coef: float) -> dict[str, float]:
+        """One optimiser step on this rank's shard; returns summed loss metrics and averaged diagnostics."""
+        start = time.perf_counter()
+        self.engine.module.train()
+        totals: dict[str, float] = {}
+        for micro in micro_batches(batch, self.cfg.micro_batch_size, num_micro_batches):
+            loss, metrics = self._micro_step(micro, loss_denominator, entropy_coef)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        totals["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["learner/lr"] = float(self.engine.get_lr()[0])
+        totals["timing/train_rank"] = time.perf_counter() - start
+        return totals
+
+    def _micro_step(self, micro: TrainBatch, denominator: float, entropy_coef: float):
+        logprobs_BT, entropy_BT = self.token_logprobs(self.engine.module, micro)
+        mask_BT = micro.loss_mask_BT.to(self.device)
+        sampler_BT = micro.old_logprobs_BT.to(self.device)
+        ref_BT = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_BT = self.token_logprobs(self.ref_model, micro)[0]
+        loss, metrics = policy_loss(
+            logprobs_BT, logprobs_BT.detach(), micro.advantages_BT.to(self.device), mask_BT,
+            loss_denominator=denominator, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
+            dual_clip=self.algo.dual_clip, ref_logprobs_BT=ref_BT, kl_coef=self.algo.kl_coef,
+            kl_estimator=self.algo.kl_estimator, entropy_BT=entropy_BT, entropy_coef=entropy_coef,
+            sampler_logprobs_BT=sampler_BT, tis_cap=self.algo.tis_cap, aggregation=self.algo.aggregation,
+        )
+        with torch.no_grad():
+            diff_BT = (logprobs_BT.detach() - sampler_BT).abs() * mask_BT
+            metrics = dict(metrics)
+            metrics["rollout/logprob_mismatch_sum"] = diff_BT.sum()
+            metrics["rollout/logprob_mismatch_max"] = diff_BT.max()
+            metrics["rollout/num_loss_tokens"] = mask_BT.sum()
+            metrics["actor/entropy_sum"] = (entropy_BT.detach() * mask_BT).sum()
+        return loss, metrics
+
+    # -- weights and checkpoints ---------------------------------------------------------------------------------
+
+    def export_weights(self, directory: str) -> dict[str, float]:
+        """Write HF-named safetensors for vLLM's `reload_weights` (rank 0 writes; collective under ZeRO-3)."""
+        module = self.engine.module
+        params = list(module.parameters())
+        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3
+               else contextlib.nullcontext())
+        num_bytes = 0
+        with ctx:
+            if self.rank == 0:
+                state = {}
+                tied = getattr(module.config, "tie_word_embeddings", False)
+                for name, tensor in module.state_dict().items():
+                    if tied and name == "lm_head.weight":
+                        continue  # tied to embed_tokens; safetensors refuses shared storage
+                    state[name] = tensor.detach().to("cpu").contiguous().clone()
+                    num_bytes += state[name].numel() * state[name].element_size()
+                path = Path(directory)
+                path.mkdir(parents=True, exist_ok=True)
+                tmp = path / ".model.safetensors.tmp"
+                save_file(state, str(tmp), metadata={"format": "pt"})
+                os.replace(tmp, path / "model.safetensors")
+        return {"weight_sync/bytes": float(num_bytes)}
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) of every rank under `directory/tag`."""
+        self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint '{tag}' in {directory}.")
+
+    @torch.no_grad()
+    def greedy(self, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation with the current weights (parity checks against the rollout workers)."""
+        module = self.engine.module.eval()
+        ids = torch.tensor([prompt_token_ids], device=self.device)
+        out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, temperature=None, top_p=None, top_k=None)
+        return out[0, len(prompt_token_ids):].tolist()
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,128 @@
+"""`LearnerGroup`: the driver-side handle over the DeepSpeed learner actors (one per rank).
+
+It starts the actors, rendezvouses them into one torch.distributed group (rank 0's address and a free port), shards
+each `TrainBatch` over the ranks with equal micro-batch counts (ZeRO's collectives need every rank to run the same
+number of passes), computes the global loss denominator, and gathers metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+import torch
+
+from rl.config import AlgorithmConfig, LearnerConfig
+from rl.losses import loss_denominator
+from rl.types import TrainBatch
+
+
+def shard_bounds(num_sequences: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal [lo, hi) slices of the batch per rank."""
+    base, extra = divmod(num_sequences, world_size)
+    bounds, lo = [], 0
+    for rank in range(world_size):
+        hi = lo + base + (1 if rank < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def slice_batch(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
+    return TrainBatch(
+        input_ids_BT=batch.input_ids_BT[lo:hi], attention_mask_BT=batch.attention_mask_BT[lo:hi],
+        loss_mask_BT=batch.loss_mask_BT[lo:hi], old_logprobs_BT=batch.old_logprobs_BT[lo:hi],
+        advantages_BT=batch.advantages_BT[lo:hi], group_ids_B=batch.group_ids_B[lo:hi],
+    )
+
+
+class LearnerGroup:
+    """Ray actors running `rl.learner.Learner`, one per rank."""
+
+    def __init__(self, *, model_path: str, learner_cfg: LearnerConfig, algorithm_cfg: AlgorithmConfig, dtype: str,
+                 temperature: float, seed: int, max_completion_length: int, colocate: bool) -> None:
+        from rl.learner import Learner  # deepspeed is imported by the actors' module; keep it lazy on the driver
+
+        self.cfg, self.algo = learner_cfg, algorithm_cfg
+        self.max_completion_length = max_completion_length
+        world = learner_cfg.num_ranks
+        gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+        # Colocated CPU debug runs share the cores: the actors reserve no CPU so rollout, reward and learner actors
+        # all fit; torch threads are split between ranks instead.
+        num_cpus = 0 if colocate else 1
+        num_gpus = (1.0 / max(world, 1) if colocate else 1) if gpu else 0
+        threads = max(1, (os.cpu_count() or 1) // world)
+        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)
+        self.actors = [
+            actor_cls.remote(model_path=model_path, learner_cfg=learner_cfg, algorithm_cfg=algorithm_cfg,
+                             dtype=dtype, temperature=temperature, rank=rank, world_size=world, seed=seed,
+                             max_completion_length=max_completion_length, num_threads=threads)
+            for rank in range(world)
+        ]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        ray.get([actor.setup.remote(master_addr, master_port) for actor in self.actors])
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
+
+    def train(self, batch: TrainBatch, *, entropy_coef: float) -> dict[str, float]:
+        """One optimiser step over the whole batch; loss metrics are summed over ranks (they share one denominator)."""
+        max_len = self.algo.dr_grpo_max_tokens or self.max_completion_length
+        denominator = float(loss_denominator(batch.loss_mask_BT, aggregation=self.algo.aggregation,
+                                             max_completion_length=max_len))
+        bounds = shard_bounds(batch.num_sequences, self.world_size)
+        num_micro = max(1, max(math.ceil((hi - lo) / self.cfg.micro_batch_size) for lo, hi in bounds))
+        futures = [
+            actor.train.remote(slice_batch(batch, lo, hi) if hi > lo else slice_batch(batch, 0, 1),
+                               loss_denominator=denominator, num_micro_batches=num_micro, entropy_coef=entropy_coef)
+            for actor, (lo, hi) in zip(self.actors, bounds)
+        ]
+        # A rank given no sequences trains on a zero-mask copy (see `micro_batches`); it adds nothing to the loss.
+        per_rank = ray.get(futures)
+        return _reduce_metrics(per_rank, batch)
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Current policy log-probs (B, T) of every token of `batch` (computed on rank 0's replica... all ranks run)."""
+        bounds = shard_bounds(batch.num_sequences, self.world_size)
+        parts = ray.get([a.logprobs.remote(slice_batch(batch, lo, hi)) for a, (lo, hi) in zip(self.actors, bounds)
+                         if hi > lo])
+        return torch.cat(parts, dim=0)
+
+    def export_weights(self, directory: str) -> dict[str, float]:
+        return ray.get([a.export_weights.remote(directory) for a in self.actors])[0]
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        ray.get([a.save_checkpoint.remote(directory, tag) for a in self.actors])
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        ray.get([a.load_checkpoint.remote(directory, tag) for a in self.actors])
+
+    def greedy(self, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
+        return ray.get(self.actors[0].greedy.remote(prompt_token_ids, max_new_tokens))
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def _reduce_metrics(per_rank: list[dict[str, float]], batch: TrainBatch) -> dict[str, float]:
+    summed: dict[str, float] = {}
+    for metrics in per_rank:
+        for key, value in metrics.items():
+            summed[key] = summed.get(key, 0.0) + value
+    out = {}
+    for key, value in summed.items():
+        if key.startswith(("loss/", "rollout/", "actor/")) or key == "timing/train_rank":
+            out[key] = value
+        else:  # grad norm, lr: identical on every rank
+            out[key] = per_rank[0][key]
+    tokens = max(summed.get("rollout/num_loss_tokens", 0.0), 1.0)
+    out["rollout/logprob_mismatch_mean"] = summed.pop("rollout/logprob_mismatch_sum", 0.0) / tokens
+    out.pop("rollout/logprob_mismatch_sum", None)
+    out["rollout/logprob_mismatch_max"] = max(m.get("rollout/logprob_mismatch_max", 0.0) for m in per_rank)
+    out["actor/entropy"] = out.pop("actor/entropy_sum", 0.0) / tokens
+    out["timing/train_rank"] = max(m.get("timing/train_rank", 0.0) for m in per_rank)
+    return out

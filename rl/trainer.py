@@ -1,0 +1,299 @@
+"""The step loop shared by recipes: rollout → rewards → advantages → train → weight sync, with checkpoints.
+
+    prompts ─► RolloutPool.generate ─► RewardService.score ─► advantages (pure) ─► TrainBatch
+            ─► LearnerGroup.train ─► WeightSync.push ─► policy_version += 1
+
+A recipe supplies a `PromptSource` (the training prompts in a deterministic order) and optionally an evaluation
+function; everything else — actors, logging (console progress bar, `metrics.jsonl`, TensorBoard, rollout JSONL),
+checkpoints and `resume: auto` — lives here. Same seed and config give the same run, and a resumed run continues
+exactly where the interrupted one stopped (data position, RNG, optimizer state, weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from rl import checkpoint as ckpt
+from rl.advantages import ADVANTAGE_ESTIMATORS
+from rl.config import Config, ConfigError, save_config, to_dict
+from rl.learner_group import LearnerGroup
+from rl.types import Rollout, Sample, ScoredRollout, TrainBatch
+from rl.weight_sync import make_weight_sync
+
+log = logging.getLogger(__name__)
+
+
+class PromptSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def sample(self, index: int) -> Sample: ...
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What callbacks see after each step (tests use it for parity checks)."""
+
+    step: int
+    metrics: dict[str, float]
+    trainer: Trainer
+
+
+def epoch_order(num: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def draw_prompts(source: PromptSource, position: int, count: int, seed: int) -> list[Sample]:
+    """Prompts `position .. position+count-1` of the seeded epoch-wise shuffle (deterministic, resumable)."""
+    num = len(source)
+    if num == 0:
+        raise ValueError("The prompt source is empty: the recipe's data produced no training prompts.")
+    out = []
+    for pos in range(position, position + count):
+        epoch, offset = divmod(pos, num)
+        out.append(source.sample(epoch_order(num, seed, epoch)[offset]))
+    return out
+
+
+def build_train_batch(scored: Sequence[ScoredRollout], advantages_N: torch.Tensor) -> TrainBatch:
+    """Right-padded prompt+completion batch; loss, sampler log-probs and advantages on completion positions."""
+    lengths = [len(s.rollout.prompt_token_ids) + len(s.rollout.completion_token_ids) for s in scored]
+    B, T = len(scored), max(lengths)
+    input_ids_BT = torch.zeros(B, T, dtype=torch.int64)
+    attention_BT = torch.zeros(B, T, dtype=torch.int64)
+    loss_mask_BT = torch.zeros(B, T, dtype=torch.float32)
+    old_BT = torch.zeros(B, T, dtype=torch.float32)
+    adv_BT = torch.zeros(B, T, dtype=torch.float32)
+    group_of: dict[str, int] = {}
+    group_ids_B = torch.zeros(B, dtype=torch.int64)
+    for b, item in enumerate(scored):
+        r = item.rollout
+        p, c = len(r.prompt_token_ids), len(r.completion_token_ids)
+        input_ids_BT[b, : p + c] = torch.tensor(list(r.prompt_token_ids) + list(r.completion_token_ids))
+        attention_BT[b, : p + c] = 1
+        loss_mask_BT[b, p: p + c] = 1.0
+        old_BT[b, p: p + c] = torch.tensor(r.logprobs, dtype=torch.float32)
+        adv_BT[b, p: p + c] = advantages_N[b]
+        group_ids_B[b] = group_of.setdefault(r.sample.sample_id, len(group_of))
+    return TrainBatch(input_ids_BT=input_ids_BT, attention_mask_BT=attention_BT, loss_mask_BT=loss_mask_BT,
+                      old_logprobs_BT=old_BT, advantages_BT=adv_BT, group_ids_B=group_ids_B)
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], seconds: float, policy_version: int) -> dict[str, float]:
+    lengths = np.array([len(r.completion_token_ids) for r in rollouts], dtype=np.float64)
+    return {
+        "rollout/len_mean": float(lengths.mean()),
+        "rollout/len_max": float(lengths.max()),
+        "rollout/truncated_frac": float(np.mean([r.finish_reason == "length" for r in rollouts])),
+        "rollout/tokens_per_s": float(lengths.sum() / max(seconds, 1e-9)),
+        "rollout/staleness_max": float(max(policy_version - r.policy_version for r in rollouts)),
+        "timing/rollout": seconds,
+    }
+
+
+def resolve_model_path(path: str) -> str:
+    """"smollm2-135m" → the prepared embedded model; a directory is used as is."""
+    from rl import assets
+
+    if path in ("smollm2-135m", "smollm2-135m-instruct"):
+        return str(assets.require("model"))
+    if Path(path).is_dir():
+        return path
+    raise ConfigError(f"model.path='{path}' is neither 'smollm2-135m' nor an existing model directory.")
+
+
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard; every value is a float keyed `area/name`."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines of steps after the checkpoint (they will be redone)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address is None:
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    else:
+        ray.init(address=cfg.cluster.address)
+
+
+class Trainer:
+    """Owns the actors and the loop. `fit()` runs (or resumes) the configured number of steps."""
+
+    def __init__(self, cfg: Config, prompts: PromptSource, *, run_dir: Path | None = None,
+                 evaluate: Callable[[Trainer, int], dict[str, float]] | None = None,
+                 callbacks: Sequence[Callable[[StepContext], None]] = ()) -> None:
+        self.cfg, self.prompts, self.evaluate_fn, self.callbacks = cfg, prompts, evaluate, list(callbacks)
+        self.run_dir = run_dir or Path(cfg.run.output_dir) / cfg.run.name
+        self.model_path = resolve_model_path(cfg.model.path)
+        self.sync = make_weight_sync(cfg.cluster.weight_sync, cfg.cluster.sync_dir)
+        self.pool = self.learners = self.rewards = None
+        self.state = ckpt.TrainerState(step=0, policy_version=0, data_position=0, rng=ckpt.capture_rng())
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def _resume_point(self) -> Path | None:
+        resume = self.cfg.run.resume
+        if resume == "never":
+            if ckpt.latest_checkpoint(self.run_dir) is not None:
+                raise ConfigError(f"run.resume=never but {self.run_dir} already holds checkpoints; choose another "
+                                  "run.name or run.output_dir, or set run.resume=auto to continue it.")
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.run_dir)
+        path = Path(resume)
+        if not (path / ckpt.COMPLETE).is_file():
+            raise ConfigError(f"run.resume={resume} is not a complete checkpoint directory.")
+        return path
+
+    def setup(self) -> None:
+        from rewards.service import RewardService
+        from rollouts.pool import RolloutPool
+
+        cfg = self.cfg
+        resume_from = self._resume_point()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        init_ray(cfg)
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        self.pool = RolloutPool(self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout,
+                                cluster_cfg=cfg.cluster, seed=cfg.run.seed)
+        self.learners = LearnerGroup(
+            model_path=self.model_path, learner_cfg=cfg.learner, algorithm_cfg=cfg.algorithm, dtype=cfg.model.dtype,
+            temperature=cfg.rollout.temperature, seed=cfg.run.seed, max_completion_length=cfg.rollout.max_new_tokens,
+            colocate=cfg.cluster.colocate,
+        )
+        self.rewards = RewardService(cfg.reward)
+        if resume_from is not None:
+            self.state = ckpt.load_trainer_state(resume_from)
+            self.learners.load_checkpoint(str(resume_from), ckpt.LEARNER_TAG)
+            ckpt.restore_rng(self.state.rng)
+            self.logger.truncate_after(self.state.step)
+            self.sync.push(self.learners, self.pool, self.state.policy_version)
+            log.info("resumed from %s at step %d", resume_from, self.state.step)
+
+    def close(self) -> None:
+        for part in (self.rewards, self.pool, self.learners):
+            if part is not None:
+                part.shutdown()
+        self.sync.close()
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Run steps `state.step + 1 .. run.num_steps`; returns the last step's metrics."""
+        if self.pool is None:
+            self.setup()
+        cfg, last = self.cfg, {}
+        bar = tqdm(range(self.state.step + 1, cfg.run.num_steps + 1), initial=self.state.step,
+                   total=cfg.run.num_steps, desc="train", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+        for step in bar:
+            last = self.step(step)
+            bar.set_postfix(reward=f"{last.get('reward/total', float('nan')):.3f}",
+                            kl=f"{last.get('loss/kl', 0.0):.4f}", tok_s=f"{last.get('rollout/tokens_per_s', 0):.0f}")
+            for callback in self.callbacks:
+                callback(StepContext(step=step, metrics=last, trainer=self))
+        if self.evaluate_fn is not None and (cfg.run.eval_every == 0 or cfg.run.num_steps % cfg.run.eval_every):
+            final_eval = self.evaluate_fn(self, cfg.run.num_steps)
+            self.logger.log(cfg.run.num_steps, final_eval)
+            last.update(final_eval)
+        return last
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, start = self.cfg, time.perf_counter()
+        samples = draw_prompts(self.prompts, self.state.data_position, cfg.rollout.num_prompts_per_step, cfg.run.seed)
+        version = self.state.policy_version
+        t0 = time.perf_counter()
+        rollouts = self.pool.generate(samples, policy_version=version, seed=cfg.run.seed * 100_003 + step)
+        metrics = rollout_metrics(rollouts, time.perf_counter() - t0, version)
+        report = self.rewards.score(rollouts)
+        metrics.update(report.metrics)
+        if report.scored:
+            metrics.update(self._learn(report.scored, step))
+        else:
+            log.warning("step %d: every group was dropped by the reward failure policy; no update", step)
+            metrics["train/skipped"] = 1.0
+        version += 1
+        metrics.update(self.sync.push(self.learners, self.pool, version))
+        if cfg.logging.save_rollouts:
+            self._save_rollouts(step, report.scored)
+        self.state = ckpt.TrainerState(step=step, policy_version=version,
+                                       data_position=self.state.data_position + len(samples), rng=ckpt.capture_rng())
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and self.evaluate_fn is not None:
+            metrics.update(self.evaluate_fn(self, step))
+        metrics["timing/step"] = time.perf_counter() - start
+        self.logger.log(step, metrics)
+        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.num_steps:
+            self.save()
+        return metrics
+
+    def _learn(self, scored: Sequence[ScoredRollout], step: int) -> dict[str, float]:
+        rewards_N = torch.tensor([s.reward for s in scored], dtype=torch.float32)
+        group_of: dict[str, int] = {}
+        group_ids_N = torch.tensor([group_of.setdefault(s.rollout.sample.sample_id, len(group_of)) for s in scored])
+        estimator = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.advantage]
+        advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=self.cfg.algorithm.eps)
+        batch = build_train_batch(scored, advantages_N)
+        t0 = time.perf_counter()
+        metrics = self.learners.train(batch, entropy_coef=self.cfg.algorithm.entropy_coef)
+        metrics["timing/train"] = time.perf_counter() - t0
+        metrics.update({k: float(v) for k, v in adv_metrics.items()})
+        metrics["train/num_sequences"] = float(batch.num_sequences)
+        return metrics
+
+    def _save_rollouts(self, step: int, scored: Sequence[ScoredRollout]) -> None:
+        from rl.rollout_io import write_rollouts
+
+        directory = self.run_dir / "rollouts"
+        directory.mkdir(exist_ok=True)
+        write_rollouts(directory / f"step_{step:06d}.jsonl", scored)
+
+    def save(self) -> Path:
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        return ckpt.save_checkpoint(self.run_dir, self.state, config_yaml=config_yaml,
+                                    save_learner=self.learners.save_checkpoint, keep=self.cfg.run.keep_checkpoints)

@@ -1,0 +1,35 @@
+"""Pure modules import neither ray, vllm nor deepspeed (DESIGN.md: layout and dependency direction)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PURE = ["rl.types", "rl.config", "rl.advantages", "rl.losses", "rl.kernels", "rewards.api", "rewards.rules",
+        "rollouts.envs.rec"]
+
+
+def test_pure_modules_do_not_import_heavy_runtimes():
+    code = (
+        "import importlib, sys\n"
+        f"for name in {PURE!r}: importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'vllm', 'deepspeed'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"pure modules pulled in: {out.stdout.strip()}"
+
+
+def test_only_engine_imports_vllm_and_only_learner_imports_deepspeed():
+    offenders = []
+    for path in ROOT.glob("*/**/*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        text = path.read_text()
+        rel = path.relative_to(ROOT).as_posix()
+        if ("import vllm" in text or "from vllm" in text) and rel != "rollouts/engine.py":
+            offenders.append(f"{rel} imports vllm")
+        if ("import deepspeed" in text or "from deepspeed" in text) and rel != "rl/learner.py":
+            offenders.append(f"{rel} imports deepspeed")
+    assert offenders == []
