@@ -108,6 +108,22 @@ def _slice(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
     )
 
 
+def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine per-micro-batch (or per-rank) metrics: `loss/*`, `*_sum` and token counts add up (they share the
+    global denominator), `*_max` take the maximum, everything else (ratios, clip fractions) is averaged."""
+    merged: dict[str, float] = {}
+    keys = {key for part in parts for key in part}
+    for key in keys:
+        values = [part[key] for part in parts if key in part]
+        if key.startswith("loss/") or key.endswith("_sum") or key == "rollout/num_loss_tokens":
+            merged[key] = sum(values)
+        elif key.endswith("_max"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
 class Learner:
     """One DeepSpeed rank: policy (and optional frozen reference), fused log-probs, GRPO-family update."""
 
@@ -196,13 +212,14 @@ class Learner:
         """One optimiser step on this rank's shard; returns summed loss metrics and averaged diagnostics."""
         start = time.perf_counter()
         self.engine.module.train()
-        totals: dict[str, float] = {}
+        parts = []
         for micro in micro_batches(batch, self.cfg.micro_batch_size, num_micro_batches):
             loss, metrics = self._micro_step(micro, loss_denominator, entropy_coef)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+            if float(metrics["rollout/num_loss_tokens"]) > 0:  # padding micro-batches carry no statistics
+                parts.append({key: float(value) for key, value in metrics.items()})
         self.engine.step()
+        totals = merge_metrics(parts)
         grad_norm = self.engine.get_global_grad_norm()
         totals["learner/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["learner/lr"] = float(self.engine.get_lr()[0])
@@ -222,7 +239,8 @@ class Learner:
             loss_denominator=denominator, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
             dual_clip=self.algo.dual_clip, ref_logprobs_BT=ref_BT, kl_coef=self.algo.kl_coef,
             kl_estimator=self.algo.kl_estimator, entropy_BT=entropy_BT, entropy_coef=entropy_coef,
-            sampler_logprobs_BT=sampler_BT, tis_cap=self.algo.tis_cap, aggregation=self.algo.aggregation,
+            sampler_logprobs_BT=sampler_BT if self.algo.tis_cap else None, tis_cap=self.algo.tis_cap,
+            aggregation=self.algo.aggregation,
         )
         with torch.no_grad():
             diff_BT = (logprobs_BT.detach() - sampler_BT).abs() * mask_BT

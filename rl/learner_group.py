@@ -109,20 +109,11 @@ class LearnerGroup:
 
 
 def _reduce_metrics(per_rank: list[dict[str, float]], batch: TrainBatch) -> dict[str, float]:
-    summed: dict[str, float] = {}
-    for metrics in per_rank:
-        for key, value in metrics.items():
-            summed[key] = summed.get(key, 0.0) + value
-    out = {}
-    for key, value in summed.items():
-        if key.startswith(("loss/", "rollout/", "actor/")) or key == "timing/train_rank":
-            out[key] = value
-        else:  # grad norm, lr: identical on every rank
-            out[key] = per_rank[0][key]
-    tokens = max(summed.get("rollout/num_loss_tokens", 0.0), 1.0)
-    out["rollout/logprob_mismatch_mean"] = summed.pop("rollout/logprob_mismatch_sum", 0.0) / tokens
-    out.pop("rollout/logprob_mismatch_sum", None)
-    out["rollout/logprob_mismatch_max"] = max(m.get("rollout/logprob_mismatch_max", 0.0) for m in per_rank)
+    from rl.learner import merge_metrics
+
+    out = merge_metrics(per_rank)
+    tokens = max(out.get("rollout/num_loss_tokens", 0.0), 1.0)
+    out["rollout/logprob_mismatch_mean"] = out.pop("rollout/logprob_mismatch_sum", 0.0) / tokens
     out["actor/entropy"] = out.pop("actor/entropy_sum", 0.0) / tokens
     out["timing/train_rank"] = max(m.get("timing/train_rank", 0.0) for m in per_rank)
     return out
