@@ -64,7 +64,7 @@ def ndcg_at_k(scores: list[float], labels: list[int], k: int = 10) -> float:
 
 
 def make_evaluate(task, cfg: Config):
-    from rewards.rules import parse_rating
+    from rewards.rules import parse_final_answer
 
     eval_samples = task.eval_samples(num_users=cfg.data.num_eval_users, num_candidates=cfg.data.num_eval_candidates,
                                      seed=cfg.run.seed + 17)
@@ -74,7 +74,8 @@ def make_evaluate(task, cfg: Config):
         by_user: dict[int, tuple[list[float], list[int]]] = {}
         parsed = 0
         for rollout in rollouts:
-            rating = parse_rating(rollout.text)
+            answer = parse_final_answer(rollout.text)
+            rating = int(answer) if answer is not None else None
             parsed += rating is not None
             scores, labels = by_user.setdefault(rollout.sample.metadata["user_id"], ([], []))
             scores.append(float(rating) if rating is not None else 0.0)
