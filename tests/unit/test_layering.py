@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PURE = ["rl.types", "rl.config", "rl.advantages", "rl.losses", "rl.kernels", "rewards.api", "rewards.rules",
-        "rollouts.envs.rec"]
+        "rollouts.envs.rec",
+        "rollouts.envs.base", "rollouts.envs.actions"]
 
 
 def test_pure_modules_do_not_import_heavy_runtimes():
