@@ -1,101 +1,72 @@
-"""Recommendation data: MovieLens-100K users, items and timestamped ratings, splits, and reasoning prompts.
+"""Recommendation tasks on MovieLens-style data: reasoning-to-rate prompts and next-item prompts in two item forms.
 
-The prepared files (`recforge prepare data`) are RecBole's atomic files: tab-separated with a typed header
-(`user_id:token  item_id:token  rating:float  timestamp:float`). Malformed rows fail with file and line.
+The data model (users, items, interactions, splits, candidate sampling) lives in `rec_data.py`, file loaders in
+`rec_formats.py`; both are re-exported here so recipes import one module.
 
-Split (leave-last-out by time): per user, interactions sorted by timestamp; the last `num_eval_holdout` go to
-evaluation, the rest are training targets, each predicted from the `history_len` interactions before it.
+Item forms. A prompt shows items either as text (`TextItemForm`: "Toy Story (1995) [Animation, Comedy]") or as
+semantic IDs (`SIDItemForm`: "<a_12><b_7><c_3>", optionally followed by the title, LC-Rec style), and asks for the
+next item in the same form.
+
+`RecReasoningTask` (pointwise rating prediction, the rec_reasoning recipe) keeps the leave-last-out protocol: per user,
+interactions sorted by time; the last `num_eval_holdout` go to evaluation, the rest are training targets, each
+predicted from the `history_len` interactions before it. `NextItemTask` draws targets from any `Split`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from rl.types import Sample
+from rollouts.envs.rec_data import (
+    Candidates,
+    DataError,
+    Id,
+    Interaction,
+    Item,
+    NegativeSampler,
+    RecData,
+    Split,
+    Target,
+    User,
+    id_sort_key,
+    leave_last_out,
+    parse_id,
+    sample_candidates,
+    time_cutoffs,
+    time_split,
+    user_rng,
+)
+from rollouts.envs.rec_formats import (
+    iter_json_entries,
+    load_dataset,
+    load_interactions,
+    load_items,
+    load_movielens,
+    load_users,
+    read_records,
+)
+
+if TYPE_CHECKING:
+    from rollouts.sid import SIDIndex
+
+__all__ = [
+    "Candidates", "DataError", "Id", "Interaction", "Item", "NegativeSampler", "RecData", "Split", "Target", "User",
+    "id_sort_key", "leave_last_out", "parse_id", "sample_candidates", "time_cutoffs", "time_split", "user_rng",
+    "iter_json_entries", "load_dataset", "load_interactions", "load_items", "load_movielens", "load_users",
+    "read_records", "load_sid_index", "SYSTEM_PROMPT", "reasoning_prompt", "RecReasoningTask", "ItemForm",
+    "TextItemForm", "SIDItemForm", "next_item_prompt", "NextItemTask",
+]
+
+Render = Callable[[list[dict[str, str]]], str]
 
 
-class DataError(ValueError):
-    """A data file is malformed; the message names the file and line."""
+def load_sid_index(path) -> SIDIndex:
+    """An item → semantic-ID index from JSON `{item_id: ["<a_12>", "<b_7>", "<c_3>"]}` (see `rollouts.sid`)."""
+    from rollouts.sid import SIDIndex
 
-
-@dataclass(frozen=True, kw_only=True)
-class Item:
-    item_id: int
-    title: str
-    year: str
-    genres: tuple[str, ...]
-
-    def describe(self) -> str:
-        genres = ", ".join(self.genres) if self.genres else "unknown genre"
-        year = f" ({self.year})" if self.year else ""
-        return f"{self.title}{year} [{genres}]"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Interaction:
-    user_id: int
-    item_id: int
-    rating: int
-    timestamp: int
-
-
-def _rows(path: Path, expected_columns: int) -> Iterator[tuple[int, list[str]]]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if len(header) < expected_columns:
-            raise DataError(f"{path}:1: header has {len(header)} columns, expected at least {expected_columns}.")
-        for line_no, line in enumerate(handle, start=2):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) < expected_columns:
-                raise DataError(f"{path}:{line_no}: {len(cols)} columns, expected {expected_columns}: {line!r}")
-            yield line_no, cols
-
-
-def load_items(path: Path) -> dict[int, Item]:
-    items = {}
-    for line_no, cols in _rows(path, 4):
-        try:
-            item_id = int(cols[0])
-        except ValueError as err:
-            raise DataError(f"{path}:{line_no}: item id {cols[0]!r} is not an integer.") from err
-        items[item_id] = Item(item_id=item_id, title=cols[1].strip(), year=cols[2].strip(),
-                              genres=tuple(cols[3].split()))
-    return items
-
-
-def load_interactions(path: Path) -> list[Interaction]:
-    out = []
-    for line_no, cols in _rows(path, 4):
-        try:
-            out.append(Interaction(user_id=int(cols[0]), item_id=int(cols[1]), rating=int(float(cols[2])),
-                                   timestamp=int(float(cols[3]))))
-        except ValueError as err:
-            raise DataError(f"{path}:{line_no}: expected user, item, rating, timestamp numbers: {cols!r}") from err
-    return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecData:
-    items: dict[int, Item]
-    by_user: dict[int, list[Interaction]]
-    """Each user's interactions sorted by (timestamp, item_id)."""
-
-    @classmethod
-    def load_movielens(cls, directory: Path) -> RecData:
-        items = load_items(directory / "ml-100k.item")
-        by_user: dict[int, list[Interaction]] = {}
-        for inter in load_interactions(directory / "ml-100k.inter"):
-            if inter.item_id not in items:
-                raise DataError(f"{directory / 'ml-100k.inter'}: item {inter.item_id} is not in ml-100k.item.")
-            by_user.setdefault(inter.user_id, []).append(inter)
-        for seq in by_user.values():
-            seq.sort(key=lambda x: (x.timestamp, x.item_id))
-        return cls(items=items, by_user=dict(sorted(by_user.items())))
+    return SIDIndex.load(path)
 
 
 SYSTEM_PROMPT = (
@@ -104,7 +75,7 @@ SYSTEM_PROMPT = (
 )
 
 
-def reasoning_prompt(data: RecData, history: list[Interaction], candidate: int) -> list[dict[str, str]]:
+def reasoning_prompt(data: RecData, history: list[Interaction], candidate: Id) -> list[dict[str, str]]:
     """Chat messages asking how much the user with `history` (oldest first) will like `candidate`."""
     lines = [f"- {data.items[x.item_id].describe()}: rated {x.rating}/5" for x in history]
     user = (
@@ -121,7 +92,7 @@ class RecReasoningTask:
     rollout worker and the learner see identical tokens).
     """
 
-    def __init__(self, data: RecData, render, *, history_len: int, num_eval_holdout: int = 1,
+    def __init__(self, data: RecData, render: Render, *, history_len: int, num_eval_holdout: int = 1,
                  max_train_users: int = 0) -> None:
         self.data = data
         self.render = render
@@ -156,7 +127,7 @@ class RecReasoningTask:
         rng = random.Random(seed)
         users = sorted(self.data.by_user)
         rng.shuffle(users)
-        all_items = sorted(self.data.items)
+        all_items = sorted(self.data.items, key=id_sort_key)
         samples = []
         for user in users[:num_users]:
             seq = self.data.by_user[user]
@@ -176,3 +147,135 @@ class RecReasoningTask:
                     metadata={"user_id": user, "item_id": item, "rating": rating, "liked": rating >= 4},
                 ))
         return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Next-item prediction in text form or semantic-ID form.
+
+
+class ItemForm(Protocol):
+    """How a prompt writes an item, and what the model is asked to answer with."""
+
+    answer_hint: str
+    """Completes "Answer with ...", e.g. "the movie's semantic ID and nothing else"."""
+    system_prompt: str
+
+    def __call__(self, item_id: Id) -> str:
+        """The item as shown in a history or candidate list."""
+        ...
+
+    def answer(self, item_id: Id) -> str:
+        """The exact answer string for `item_id` (a reward compares against it)."""
+        ...
+
+
+class TextItemForm:
+    """Items as "Title (year) [genres]"; the answer is the title with its year, "Toy Story (1995)"."""
+
+    answer_hint = 'the title and year of one movie, like "Toy Story (1995)", and nothing else'
+    system_prompt = "You are a movie recommender. You predict which movie a user will watch next."
+
+    def __init__(self, items: dict[Id, Item]) -> None:
+        self.items = items
+
+    def __call__(self, item_id: Id) -> str:
+        return self.items[item_id].describe()
+
+    def answer(self, item_id: Id) -> str:
+        item = self.items[item_id]
+        return f"{item.title} ({item.year})" if item.year else item.title
+
+
+class SIDItemForm:
+    """Items as semantic IDs ("<a_12><b_7><c_3>"), optionally followed by the title; the answer is the bare SID."""
+
+    answer_hint = "the semantic ID of one movie and nothing else"
+    system_prompt = (
+        "You are a movie recommender. Every movie has a semantic ID: a short sequence of tokens such as "
+        "<a_12><b_7><c_3>, where similar movies share leading tokens. You predict which movie a user will watch next."
+    )
+
+    def __init__(self, index: SIDIndex, items: dict[Id, Item] | None = None, *, with_title: bool = False) -> None:
+        if with_title and items is None:
+            raise ValueError("SIDItemForm(with_title=True) needs the items, to write their titles.")
+        self.index = index
+        self.items = items
+        self.with_title = with_title
+
+    def __call__(self, item_id: Id) -> str:
+        sid = self.index.sid_text(item_id)
+        return f"{sid} {self.items[item_id].describe()}" if self.with_title else sid
+
+    def answer(self, item_id: Id) -> str:
+        return self.index.sid_text(item_id)
+
+
+def next_item_prompt(history: Sequence[Interaction], *, form: ItemForm, user: User | None = None,
+                     candidates: Sequence[Id] | None = None, show_ratings: bool = False) -> list[dict[str, str]]:
+    """Chat messages asking which item comes after `history` (oldest first), among `candidates` when given."""
+    lines = [f"{k}. {form(x.item_id)}" + (f" (rated {x.rating}/5)" if show_ratings else "")
+             for k, x in enumerate(history, start=1)]
+    parts = []
+    if user is not None and user.describe() != "a user":
+        parts.append(f"The user is {user.describe()}.")
+    parts.append("Movies this user watched, oldest first:\n" + "\n".join(lines))
+    if candidates is not None:
+        parts.append("Candidates:\n" + "\n".join(f"- {form(i)}" for i in candidates))
+        parts.append(f"Which candidate will the user watch next? Answer with {form.answer_hint}.")
+    else:
+        parts.append(f"Which movie will the user watch next? Answer with {form.answer_hint}.")
+    return [{"role": "system", "content": form.system_prompt}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+class NextItemTask:
+    """Next-item prediction samples for the targets of one split part.
+
+    Each sample's metadata holds what rewards need: `user_id`, `item_id` (the target), `rating`, `answer` (the target
+    in the form's answer syntax), `history` (item ids, oldest first) and, with `num_negatives > 0`, `candidates`
+    (1 positive + K negatives the user never interacted with, shuffled) and `positive_index`. Negatives are drawn from
+    a per-(seed, user, position) generator, so a sample is the same however the task is indexed or sharded.
+    """
+
+    def __init__(self, data: RecData, split: Split, render: Render, *, form: ItemForm, history_len: int,
+                 part: str = "train", num_negatives: int = 0, seed: int = 0, sampler: NegativeSampler | None = None,
+                 with_user: bool = True, show_ratings: bool = False) -> None:
+        if history_len < 1:
+            raise ValueError(f"history_len={history_len}: a next-item prompt needs at least one past interaction.")
+        self.data = data
+        self.targets = split.part(part)
+        self.part = part
+        self.render = render
+        self.form = form
+        self.history_len = history_len
+        self.num_negatives = num_negatives
+        self.seed = seed
+        self.sampler = sampler or NegativeSampler(list(data.items))
+        self.with_user = with_user
+        self.show_ratings = show_ratings
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def sample(self, position: int) -> Sample:
+        user, pos = self.targets[position]
+        target = self.data.interaction((user, pos))
+        history = self.data.history((user, pos), self.history_len)
+        metadata = {"user_id": user, "item_id": target.item_id, "rating": target.rating,
+                    "answer": self.form.answer(target.item_id), "history": [x.item_id for x in history]}
+        candidates = None
+        if self.num_negatives:
+            rng = user_rng(self.seed, user, f"{self.part}/{pos}")
+            cands = sample_candidates(target.item_id, num_negatives=self.num_negatives,
+                                      exclude=self.data.seen_items(user), sampler=self.sampler, rng=rng)
+            candidates = list(cands.item_ids)
+            metadata.update(candidates=candidates, positive_index=cands.positive_index)
+        messages = next_item_prompt(history, form=self.form, user=self.data.user(user) if self.with_user else None,
+                                    candidates=candidates, show_ratings=self.show_ratings)
+        return Sample(sample_id=f"{self.part}-u{user}-p{pos}", prompt=self.render(messages), metadata=metadata)
+
+    def samples(self, *, limit: int = 0, seed: int | None = None) -> list[Sample]:
+        """All samples, or `limit` of them drawn without replacement with `seed` (evaluation subsets)."""
+        positions = list(range(len(self)))
+        if limit and limit < len(positions):
+            positions = sorted(random.Random(self.seed if seed is None else seed).sample(positions, limit))
+        return [self.sample(p) for p in positions]
