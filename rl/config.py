@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; resolve it as the float everyone means (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -364,7 +381,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"Override '{text}' has an empty key.")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), yaml_load(raw) if raw.strip() else ""
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any, full: str) -> None:
@@ -406,7 +423,7 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):

@@ -234,6 +234,22 @@ class RolloutWorker:
             rollouts.extend(self._group(sample, prompt_ids, output, num_samples, policy_version))
         return rollouts
 
+    def generate_greedy(self, samples: Sequence[Sample], *, max_new_tokens: int, stop: Sequence[str] = (),
+                        policy_version: int) -> list[Rollout]:
+        """One greedy (temperature 0) completion per sample, for evaluation; rollout ids "{sample_id}/0"."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_request(samples, num_samples=1, temperature=1.0, policy_version=policy_version)
+        prompt_ids_per_sample = [self.tokenize(sample.prompt) for sample in samples]
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=list(stop), logprobs=0)
+        prompts = [TokensPrompt(prompt_token_ids=prompt_ids) for prompt_ids in prompt_ids_per_sample]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        rollouts: list[Rollout] = []
+        for sample, prompt_ids, output in zip(samples, prompt_ids_per_sample, outputs, strict=True):
+            rollouts.extend(self._group(sample, prompt_ids, output, 1, policy_version))
+        return rollouts
+
     def _check_request(
         self, samples: Sequence[Sample], *, num_samples: int, temperature: float, policy_version: int
     ) -> None:

@@ -166,6 +166,25 @@ class RolloutPool:
             rollouts.extend(results[worker])
         return rollouts
 
+    def generate_greedy(self, samples: Sequence[Sample], *, max_new_tokens: int) -> list[Rollout]:
+        """One greedy completion per sample with the current weights (evaluation), in input order."""
+        version = self.policy_version
+
+        def call_for(shard: list[Sample]) -> ActorCall:
+            return lambda actor: actor.generate_greedy.remote(
+                shard, max_new_tokens=max_new_tokens, stop=list(self.rollout_cfg.stop), policy_version=version,
+            )
+
+        shards = shard_samples(samples, self.num_workers)
+        results = self._run_all({worker: call_for(shard) for worker, shard in enumerate(shards) if shard})
+        rollouts: list[Rollout] = []
+        for worker, shard in enumerate(shards):
+            if shard:
+                if [r.rollout_id for r in results[worker]] != expected_rollout_ids(shard, 1):
+                    raise RolloutIntegrityError(f"Worker {worker} lost or duplicated evaluation rollouts.")
+                rollouts.extend(results[worker])
+        return rollouts
+
     def sync(self, weights_dir: str, policy_version: int) -> dict[str, float]:
         """Reload every worker from `weights_dir` (HF-named safetensors) in parallel; remembered for restarts."""
         start = time.perf_counter()

@@ -103,3 +103,8 @@ def test_help_lists_recipes():
     out = subprocess.run([sys.executable, "-m", "rl.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "rec_reasoning" in out.stdout
+
+
+def test_exponent_floats_parse_as_numbers():
+    # PyYAML (YAML 1.1) reads `1e-3` as a string; the config loader reads it as the float users mean.
+    assert load_config(DEBUG, ["learner.lr=1e-3"]).learner.lr == 1e-3
