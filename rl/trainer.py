@@ -85,7 +85,10 @@ def build_train_batch(scored: Sequence[ScoredRollout], advantages_N: torch.Tenso
         p, c = len(r.prompt_token_ids), len(r.completion_token_ids)
         input_ids_BT[b, : p + c] = torch.tensor(list(r.prompt_token_ids) + list(r.completion_token_ids))
         attention_BT[b, : p + c] = 1
-        loss_mask_BT[b, p: p + c] = 1.0
+        if r.action_mask is None:
+            loss_mask_BT[b, p: p + c] = 1.0
+        else:  # multi-turn: observation tokens inserted by the environment never enter the loss
+            loss_mask_BT[b, p: p + c] = torch.tensor(r.action_mask, dtype=torch.float32)
         old_BT[b, p: p + c] = torch.tensor(r.logprobs, dtype=torch.float32)
         adv_BT[b, p: p + c] = advantages_N[b]
         group_ids_B[b] = group_of.setdefault(r.sample.sample_id, len(group_of))
@@ -162,8 +165,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, prompts: PromptSource, *, run_dir: Path | None = None,
                  evaluate: Callable[[Trainer, int], dict[str, float]] | None = None,
-                 callbacks: Sequence[Callable[[StepContext], None]] = ()) -> None:
+                 callbacks: Sequence[Callable[[StepContext], None]] = (),
+                 collect: Callable[[Trainer, list[Sample], int, int], list[Rollout]] | None = None) -> None:
+        """`collect(trainer, samples, policy_version, seed)` replaces single-turn `pool.generate` (multi-turn
+        recipes run their environment loop there); it must return G rollouts per sample, grouped, in order."""
         self.cfg, self.prompts, self.evaluate_fn, self.callbacks = cfg, prompts, evaluate, list(callbacks)
+        self.collect = collect
         self.run_dir = run_dir or Path(cfg.run.output_dir) / cfg.run.name
         self.model_path = resolve_model_path(cfg.model.path)
         self.sync = make_weight_sync(cfg.cluster.weight_sync, cfg.cluster.sync_dir)
@@ -249,7 +256,11 @@ class Trainer:
         samples = draw_prompts(self.prompts, self.state.data_position, cfg.rollout.num_prompts_per_step, cfg.run.seed)
         version = self.state.policy_version
         t0 = time.perf_counter()
-        rollouts = self.pool.generate(samples, policy_version=version, seed=cfg.run.seed * 100_003 + step)
+        seed = cfg.run.seed * 100_003 + step
+        if self.collect is None:
+            rollouts = self.pool.generate(samples, policy_version=version, seed=seed)
+        else:
+            rollouts = self.collect(self, samples, version, seed)
         metrics = rollout_metrics(rollouts, time.perf_counter() - t0, version)
         report = self.rewards.score(rollouts)
         metrics.update(report.metrics)

@@ -52,11 +52,25 @@ class Rollout:
     """"stop" (EOS or stop string) or "length" (hit max tokens)."""
     policy_version: int
     """Learner step whose weights produced this rollout (0 = initial weights)."""
+    action_mask: tuple[int, ...] | None = None
+    """Multi-turn rollouts: 1 on completion tokens the policy sampled (actions), 0 on tokens the environment inserted
+    (observations, tool output), len == len(completion_token_ids); observation tokens carry log-prob 0 and never
+    enter the loss. None = every completion token is an action (single-turn)."""
+    reward_hint: float | None = None
+    """Multi-turn rollouts: the environment's own return for the trajectory (e.g. task success), for rewards that
+    read it; None for single-turn."""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    """JSON-serialisable extras from multi-turn rollouts (turns, parse errors, milestones); empty for single-turn."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.completion_token_ids):
             raise ValueError(
                 f"Rollout {self.rollout_id}: {len(self.logprobs)} log-probs for "
+                f"{len(self.completion_token_ids)} completion tokens; they must be equal."
+            )
+        if self.action_mask is not None and len(self.action_mask) != len(self.completion_token_ids):
+            raise ValueError(
+                f"Rollout {self.rollout_id}: action_mask has {len(self.action_mask)} entries for "
                 f"{len(self.completion_token_ids)} completion tokens; they must be equal."
             )
 
