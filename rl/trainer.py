@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -154,8 +155,11 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if cfg.cluster.address is None:
+        # vLLM logs every engine step at INFO; keep the console readable unless the user asks for more.
+        env_vars = {"TOKENIZERS_PARALLELISM": "false",
+                    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": env_vars})
     else:
         ray.init(address=cfg.cluster.address)
 

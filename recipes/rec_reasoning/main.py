@@ -66,6 +66,8 @@ def ndcg_at_k(scores: list[float], labels: list[int], k: int = 10) -> float:
 def make_evaluate(task, cfg: Config):
     from rewards.rules import parse_final_answer
 
+    # Parse answers the way the training reward does (debug configs relax the answer grammar).
+    pattern = next((spec.kwargs["pattern"] for spec in cfg.reward.rewards if "pattern" in spec.kwargs), None)
     eval_samples = task.eval_samples(num_users=cfg.data.num_eval_users, num_candidates=cfg.data.num_eval_candidates,
                                      seed=cfg.run.seed + 17)
 
@@ -74,7 +76,7 @@ def make_evaluate(task, cfg: Config):
         by_user: dict[int, tuple[list[float], list[int]]] = {}
         parsed = 0
         for rollout in rollouts:
-            answer = parse_final_answer(rollout.text)
+            answer = parse_final_answer(rollout.text, pattern) if pattern else parse_final_answer(rollout.text)
             rating = int(answer) if answer is not None else None
             parsed += rating is not None
             scores, labels = by_user.setdefault(rollout.sample.metadata["user_id"], ([], []))

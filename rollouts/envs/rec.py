@@ -70,8 +70,8 @@ def load_sid_index(path) -> SIDIndex:
 
 
 SYSTEM_PROMPT = (
-    "You are a movie recommender. Think briefly about the user's taste, then give your prediction on the last "
-    "line exactly as 'Rating: N' with N from 1 to 5."
+    "You are a movie recommender. Predict how the user will rate the candidate movie. Start your reply with "
+    "'Rating: N' (N from 1 to 5), then explain briefly in one sentence."
 )
 
 

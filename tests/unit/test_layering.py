@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PURE = ["rl.types", "rl.config", "rl.advantages", "rl.losses", "rl.kernels", "rewards.api", "rewards.rules",
         "rollouts.envs.rec",
-        "rollouts.envs.base", "rollouts.envs.actions"]
+        "rollouts.envs.base", "rollouts.envs.actions",
+        "rewards.ecpm", "rewards.negative_feedback", "rewards.aggregator", "rewards.items", "rollouts.sid"]
 
 
 def test_pure_modules_do_not_import_heavy_runtimes():
