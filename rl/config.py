@@ -52,7 +52,7 @@ class RunConfig:
     output_dir: str = "runs"
     """Parent directory of run directories (relative paths are relative to the working directory)."""
     seed: int = 0
-    """Seed for data order, sampling and initialisation; with the same seed a resumed run equals an uninterrupted one."""
+    """Seed for data order, sampling and initialisation (same seed: a resumed run equals an uninterrupted one)."""
     num_steps: int = field(default=4, metadata=_range(1))
     """Training steps (one step = rollout, rewards, advantages, update, weight sync)."""
     eval_every: int = field(default=0, metadata=_range(0))
@@ -219,7 +219,19 @@ class ClusterConfig:
     num_cpus: int | None = None
     """CPUs for a local Ray instance (None = all)."""
     max_restarts: int = field(default=3, metadata=_range(0))
-    """Restarts of a dead rollout or reward actor before the run fails."""
+    """Restarts of each rollout worker and each reward actor (Ray's `max_restarts`); the failure after the last one
+    stops the run with an error instead of looping. Restarts are logged and counted (`fault/*` metrics)."""
+    restart_timeout_s: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
+    """How long to wait for a restarted rollout worker (engine start included) to answer again."""
+    learner_timeout_s: float = field(default=1800.0, metadata=_range(0.0, lo_open=True))
+    """Deadline of every learner call (setup, train, weight export, checkpoint). A learner rank that dies fails the
+    step at once, one that does not answer in time fails it here: the run stops with an error (instead of hanging in
+    a collective) and resumes from its last checkpoint when submitted again with run.resume=auto."""
+    health_check_every: int = field(default=1, metadata=_range(0))
+    """Heartbeat every N steps (0 = off): before the step every actor must answer a ping; a dead or unresponsive
+    rollout or reward actor is restarted there, a dead learner stops the run before the step's work is spent."""
+    health_check_timeout_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+    """How long an actor may take to answer a heartbeat."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,17 +77,17 @@ class LearnerGroup:
         futures = [
             actor.train.remote(slice_batch(batch, lo, hi) if hi > lo else slice_batch(batch, 0, 1),
                                loss_denominator=denominator, num_micro_batches=num_micro, entropy_coef=entropy_coef)
-            for actor, (lo, hi) in zip(self.actors, bounds)
+            for actor, (lo, hi) in zip(self.actors, bounds, strict=True)
         ]
         # A rank given no sequences trains on a zero-mask copy (see `micro_batches`); it adds nothing to the loss.
         per_rank = ray.get(futures)
         return _reduce_metrics(per_rank, batch)
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Current policy log-probs (B, T) of every token of `batch` (computed on rank 0's replica... all ranks run)."""
+        """Current policy log-probs (B, T) of every token of `batch`, each rank computing its shard."""
         bounds = shard_bounds(batch.num_sequences, self.world_size)
-        parts = ray.get([a.logprobs.remote(slice_batch(batch, lo, hi)) for a, (lo, hi) in zip(self.actors, bounds)
-                         if hi > lo])
+        pairs = zip(self.actors, bounds, strict=True)
+        parts = ray.get([a.logprobs.remote(slice_batch(batch, lo, hi)) for a, (lo, hi) in pairs if hi > lo])
         return torch.cat(parts, dim=0)
 
     def export_weights(self, directory: str) -> dict[str, float]:

@@ -17,10 +17,10 @@ def plot_run(run_dir: Path) -> Path:
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
+    for ax, (key, title) in zip(axes, PANELS, strict=True):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")

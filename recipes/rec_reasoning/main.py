@@ -47,8 +47,8 @@ class TrainPrompts:
 
 def auc(scores: list[float], labels: list[int]) -> float:
     """Probability a positive outranks a negative (ties count half); nan without both classes."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
     if not pos or not neg:
         return float("nan")
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
