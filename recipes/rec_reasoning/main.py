@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -55,9 +56,12 @@ def auc(scores: list[float], labels: list[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def ndcg_at_k(scores: list[float], labels: list[int], k: int = 10) -> float:
-    """NDCG@k with binary relevance; ties broken by candidate order (positives first is not assumed)."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def ndcg_at_k(scores: list[float], labels: list[int], k: int = 10, *, seed: int = 0) -> float:
+    """NDCG@k with binary relevance. Ties are broken by a seeded shuffle, never by candidate order (which would
+    put the held-out positive first and reward a model that says the same thing for every candidate)."""
+    rng = random.Random(seed)
+    jitter = [rng.random() for _ in scores]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], jitter[i]))
     dcg = sum(labels[i] / math.log2(rank + 2) for rank, i in enumerate(order[:k]))
     ideal = sum(1 / math.log2(rank + 2) for rank in range(min(k, sum(labels))))
     return dcg / ideal if ideal else float("nan")
@@ -83,7 +87,7 @@ def make_evaluate(task, cfg: Config):
             scores.append(float(rating) if rating is not None else 0.0)
             labels.append(int(rollout.sample.metadata["rating"] > 0))  # the held-out interaction is the positive
         aucs = [auc(s, y) for s, y in by_user.values()]
-        ndcgs = [ndcg_at_k(s, y, 10) for s, y in by_user.values()]
+        ndcgs = [ndcg_at_k(s, y, 10, seed=user) for user, (s, y) in by_user.items()]
         return {
             "eval/auc": _nanmean(aucs), "eval/ndcg@10": _nanmean(ndcgs),
             "eval/parsed_frac": parsed / max(len(rollouts), 1),
