@@ -17,7 +17,7 @@ def test_ndcg_hand_computed():
     # the positive ranked 2nd of 3: DCG = 1/log2(3), IDCG = 1/log2(2) = 1 → 0.6309
     assert abs(ndcg_at_k([3.0, 5.0, 1.0], [1, 0, 0], 10) - 1 / math.log2(3)) < 1e-12
     # two positives at ranks 1 and 3: (1 + 1/log2(4)) / (1 + 1/log2(3)) = 1.5 / 1.6309
-    assert abs(ndcg_at_k([9.0, 5.0, 7.0], [1, 0, 1], 10) - 1.5 / (1 + 1 / math.log2(3))) < 1e-12
+    assert abs(ndcg_at_k([9.0, 7.0, 5.0], [1, 0, 1], 10) - 1.5 / (1 + 1 / math.log2(3))) < 1e-12
     # outside the cut-off: rank 3 with k=2 → 0
     assert ndcg_at_k([1.0, 3.0, 2.0], [1, 0, 0], 2) == 0.0
 
