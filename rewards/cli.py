@@ -1,7 +1,7 @@
 """`recforge reward ...`: develop reward plugins on saved rollouts, before any GPU is spent.
 
     recforge reward list                                         built-in and installed rewards, with their source
-    recforge reward test <name> [--rollouts file.jsonl] [--limit N] [--kwargs JSON]
+    recforge reward test <name> [--rollouts file.jsonl] [--limit N] [--kwargs JSON] [--details]
                                                                  run a reward locally (no Ray): scores, distribution,
                                                                  components, errors, time per call
     recforge reward new <name> [--dir D]                         write a plugin package skeleton (entry point + test)
@@ -49,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--limit", type=int, default=None, help="Use only the first N rollouts.")
     test.add_argument("--kwargs", default="{}", help='Keyword arguments for the reward as JSON, e.g. \'{"k": 5}\'.')
     test.add_argument("--batch-size", type=int, default=64, help="Rollouts per call (as RewardSpec.batch_size).")
-    test.add_argument("--timeout", type=float, default=60.0, help="Seconds per call (as RewardSpec.timeout_s).")
+    test.add_argument("--timeout", type=float, default=600.0,
+                      help="Seconds per call (as RewardSpec.timeout_s; default %(default)s: an LLM judge's first call "
+                           "includes its engine start).")
     test.add_argument("--show", type=int, default=50, help="Rows of the score table to print (default 50).")
+    test.add_argument("--details", action="store_true",
+                      help="Also print every shown rollout's full details as JSON (judge verdicts, reasons).")
     new = sub.add_parser("new", help="Write a reward plugin package skeleton with a test.")
     new.add_argument("name", help="Reward name: lower-case letters, digits and '_' (also the function name).")
     new.add_argument("--dir", type=Path, default=Path("."), help="Parent directory of the new package.")
@@ -122,6 +126,8 @@ def _cmd_test(args: argparse.Namespace, console: Console) -> int:
                   f"{len(rollouts)} rollouts from {escape(str(args.rollouts))}", soft_wrap=True)
     run = scorer.run(rollouts)
     _print_scores(console, rollouts, run, prepared.key, args.show)
+    if args.details:
+        _print_details(console, rollouts, run, prepared.key, args.show)
     _print_distribution(console, run, prepared.key)
     _print_errors(console, rollouts, run, prepared.key)
     _print_timing(console, run, prepared.key, len(rollouts))
@@ -154,6 +160,14 @@ def _print_scores(console: Console, rollouts: Sequence[Rollout], run: RewardRun,
     console.print(table)
     if len(rollouts) > show:
         console.print(f"... {len(rollouts) - show} more rows (--show N to print more)")
+
+
+def _print_details(console: Console, rollouts: Sequence[Rollout], run: RewardRun, key: str, show: int) -> None:
+    console.print("[bold]Details[/] (--details)")
+    for r, result in zip(rollouts[:show], run.results[key][:show], strict=False):
+        if result is not None:
+            text = json.dumps(dict(result.details), ensure_ascii=False, default=str)
+            console.print(f"{escape(r.rollout_id)}: {escape(text)}", soft_wrap=True)
 
 
 def _histogram(scores: list[float]) -> list[tuple[str, int]]:

