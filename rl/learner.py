@@ -9,8 +9,9 @@ log-probs before the update (detached), so the ratio is 1 in value and carries t
 feed the truncated importance-sampling correction and the `rollout/logprob_mismatch` metric.
 
 Gradient accumulation: the driver computes the loss denominator over the *global* batch; every micro-batch loss is
-divided by it and summed, and multiplied by the world size because DeepSpeed averages gradients over ranks. With
-`managed_gradient_accumulation: false`, `backward()` only accumulates and `step()` is the single update.
+divided by it and summed, and multiplied by the world size because DeepSpeed averages gradients over ranks. The
+learner marks the last micro-batch as the accumulation boundary itself, so `step()` is the single update whatever
+the number of micro-batches (which varies with the step's batch).
 
 Shape legend: B sequences, T tokens, H hidden size, V vocabulary.
 """
@@ -32,12 +33,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from rl.config import AlgorithmConfig, LearnerConfig
-from rl.kernels import fused_logprob_entropy
+from rl.kernels import IGNORE_INDEX, fused_logprob_entropy
 from rl.losses import policy_loss
 from rl.types import TrainBatch
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 def free_port() -> int:
@@ -58,7 +58,6 @@ def deepspeed_config(cfg: LearnerConfig, *, bf16: bool, world_size: int) -> dict
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.micro_batch_size * world_size,
-        "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
             "type": "AdamW",
@@ -106,6 +105,24 @@ def _slice(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
         advantages_BT=batch.advantages_BT[lo:hi, :width],
         group_ids_B=batch.group_ids_B[lo:hi],
     )
+
+
+@contextlib.contextmanager
+def _gathered_if_partitioned(param: torch.nn.Parameter) -> Iterator[None]:
+    """Gather a ZeRO-3 parameter unless DeepSpeed already holds it gathered (a tied embedding can be live in the
+    embedding module's own hooks during backward); release only what this context gathered."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        yield
+        return
+    param.all_gather(param_list=[param])
+    try:
+        yield
+    finally:
+        # With tied embeddings DeepSpeed's embedding hooks may claim the parameter meanwhile; it releases it then.
+        if not param.ds_active_sub_modules and param.ds_status == ZeroParamStatus.AVAILABLE:
+            param.partition(param_list=[param], has_been_updated=False)
 
 
 def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -166,12 +183,12 @@ class Learner:
 
     # -- log-probs -----------------------------------------------------------------------------------------------
 
-    def _lm_head_weight(self, model: torch.nn.Module):
-        """The output projection's weight, gathered under ZeRO-3 for the call (and again in backward)."""
-        weight = model.get_output_embeddings().weight
-        if self.cfg.zero_stage == 3 and hasattr(weight, "ds_id") and model is self.engine.module:
-            return deepspeed.zero.GatheredParameters([weight], modifier_rank=None), weight
-        return contextlib.nullcontext(), weight
+    def _lm_head_gather(self, model: torch.nn.Module, weight: torch.nn.Parameter):
+        """Under ZeRO-3 the output projection is a partitioned shard: the fused op gathers it for the forward and
+        again in its backward (which recomputes logits from the weight)."""
+        if self.cfg.zero_stage == 3 and hasattr(weight, "ds_id"):
+            return lambda: _gathered_if_partitioned(weight)
+        return None
 
     def token_logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-prob of each input token given its prefix, and the entropy there: (B, T) each, fp32.
@@ -188,12 +205,11 @@ class Learner:
         loss_mask_BT = batch.loss_mask_BT.to(self.device) > 0
         targets_BT[:, 1:] = torch.where(loss_mask_BT[:, 1:], input_ids_BT[:, 1:], IGNORE_INDEX)
         hidden_NH = hidden_BTH[:, :-1].reshape(-1, H)
-        gather_ctx, weight_VH = self._lm_head_weight(model)
-        with gather_ctx:
-            logprob_N, entropy_N = fused_logprob_entropy(
-                hidden_NH, weight_VH, targets_BT[:, 1:].reshape(-1), self.temperature,
-                chunk_size=self.cfg.logprob_chunk_size,
-            )
+        weight_VH = model.get_output_embeddings().weight
+        logprob_N, entropy_N = fused_logprob_entropy(
+            hidden_NH, weight_VH, targets_BT[:, 1:].reshape(-1), self.temperature,
+            chunk_size=self.cfg.logprob_chunk_size, gather=self._lm_head_gather(model, weight_VH),
+        )
         zeros_B1 = torch.zeros(B, 1, device=self.device, dtype=torch.float32)
         logprobs_BT = torch.cat([zeros_B1, logprob_N.view(B, T - 1)], dim=1)
         entropy_BT = torch.cat([zeros_B1, entropy_N.view(B, T - 1)], dim=1)
@@ -213,7 +229,14 @@ class Learner:
         start = time.perf_counter()
         self.engine.module.train()
         parts = []
-        for micro in micro_batches(batch, self.cfg.micro_batch_size, num_micro_batches):
+        for index, micro in enumerate(micro_batches(batch, self.cfg.micro_batch_size, num_micro_batches)):
+            # Caller-owned accumulation: only the last micro-batch is the boundary where ZeRO reduces gradients
+            # and `step()` applies them (DeepSpeed's unmanaged mode loses micro-batches under ZeRO-3).
+            self.engine.set_gradient_accumulation_boundary(index == num_micro_batches - 1)
+            # We call the decoder directly (no logits), bypassing `engine.forward`, which is where ZeRO learns a new
+            # micro-batch began; without this ZeRO-3 overwrites instead of accumulating earlier micro-batches' grads.
+            if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+                self.engine.optimizer.clear_backward_seen_flag()
             loss, metrics = self._micro_step(micro, loss_denominator, entropy_coef)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if float(metrics["rollout/num_loss_tokens"]) > 0:  # padding micro-batches carry no statistics
