@@ -20,7 +20,7 @@ def test_rec_reasoning_learns_on_embedded_model():
     from recipes.rec_reasoning.main import main as run_recipe
 
     cfg = load_config(ROOT / "recipes/rec_reasoning/debug.yaml",
-                      ["run.num_steps=32", "run.save_every=8", "run.name=learning-check", "run.resume=auto",
+                      ["run.num_steps=32", "run.save_every=4", "learner.gradient_checkpointing=true", "run.name=learning-check", "run.resume=auto",
                        f"run.output_dir={ROOT / 'runs'}"])
     run_dir = run_recipe(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
