@@ -40,7 +40,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from rl.types import RewardResult, Rollout
 
 ENTRY_POINT_GROUP = "recforge.rewards"
-BUILTIN_MODULES: tuple[str, ...] = ("rewards.rules", "rewards.ecpm", "rewards.negative_feedback",
+BUILTIN_MODULES: tuple[str, ...] = ("rewards.rules", "rewards.ecpm", "rewards.negative_feedback", "rewards.gui",
                                      "rewards.semantic_judge", "rewards.agent_judge")
 """Modules whose `@reward`s are built in. They are imported on first resolution, so they must stay cheap to import
 (no ray, vllm, deepspeed or model loading at import time). One that fails to import is reported by

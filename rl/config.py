@@ -247,6 +247,56 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuiConfig:
+    """GUI-agent episodes (recipes/gui_agent): MiniWoB++ tasks in headless Chromium, turns, history, environments."""
+
+    tasks: list[str] = field(default_factory=lambda: ["click-button", "click-link"])
+    """MiniWoB++ tasks to train on (page names, e.g. click-button, enter-text; see rollouts/envs/miniwob.py)."""
+    num_train_seeds: int = field(default=1000, metadata=_range(1))
+    """Task instances per task: the training samples are (task, seed) for seed in 0 .. num_train_seeds - 1."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Tasks evaluated (success rate and ATP per task); empty = `tasks`."""
+    num_eval_episodes: int = field(default=8, metadata=_range(1))
+    """Greedy episodes per evaluated task, on seeds disjoint from the training seeds."""
+    eval_before_training: bool = False
+    """Also evaluate the starting policy (logged at step 0), for a before/after comparison."""
+    max_turns: int = field(default=4, metadata=_range(1))
+    """Actions per episode; the environment ends the episode (failed, truncated) at this many."""
+    history: Literal["full", "last_k", "semantic_context"] = "full"
+    """What each turn's prompt holds: the whole episode as one token stream ("full"), the last `last_k` steps
+    ("last_k"), or one-line summaries of past steps plus the current screen ("semantic_context", SecAgent)."""
+    last_k: int = field(default=2, metadata=_range(0))
+    """Past steps kept in the prompt in history mode "last_k"."""
+    summariser: Literal["rule", "model"] = "rule"
+    """Who writes the step summaries of "semantic_context": a rule-based summariser, or the model itself (asked for
+    a `Summary: ...` line before its action; the rule fills in when it writes none)."""
+    max_summaries: int = field(default=8, metadata=_range(0))
+    """Most recent step summaries kept in a "semantic_context" prompt (older ones are counted, not shown)."""
+    summary_max_chars: int = field(default=120, metadata=_range(8))
+    """Longest step summary, in characters (longer ones are cut)."""
+    observation: Literal["text", "screenshot"] = "text"
+    """"text": the element list (any causal LM); "screenshot": the screenshot plus the task for a vision-language
+    model (Qwen2.5-VL style; GPU host, history "semantic_context"; rollouts and evaluation only, see the recipe)."""
+    system_prompt: str = ""
+    """System message; "" = the built-in prompt for the observation kind (rollouts/context.py)."""
+    demonstration: bool = True
+    """Put a one-shot example exchange (a made-up screen answered with `click(ID)`) before the first screen of text
+    observations; small models need it to answer with a parsable action at all (rollouts.context.DEMONSTRATION)."""
+    num_envs: int = field(default=4, metadata=_range(1))
+    """Browser environments (Ray actors); episodes beyond this wait for a free one."""
+    num_cpus_per_env: float = field(default=0.1, metadata=_range(0.0))
+    """Ray CPU reservation per environment actor (keep small when everything is colocated)."""
+    env_call_timeout_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+    """Deadline of one batched reset/step call; an environment that misses it is replaced and its episode failed."""
+    episode_timeout_s: float = field(default=300.0, metadata=_range(0.0, lo_open=True))
+    """Wall-clock limit per episode, model time included."""
+    max_elements: int = field(default=40, metadata=_range(1))
+    """Elements listed per screen (the rest are summarised in one line)."""
+    screenshot_dir: str | None = None
+    """Save every screen as PNG here (required for observation "screenshot"; None = no screenshots)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -257,6 +307,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    gui: GuiConfig = field(default_factory=GuiConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

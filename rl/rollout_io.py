@@ -22,6 +22,9 @@ lines are skipped. Fields:
     prompt_token_ids       [int]           no          only written with include_token_ids=True
     completion_token_ids   [int]           no          (with logprobs, same length)
     logprobs               [float]         no          sampler log-prob of each completion token
+    action_mask            [int]           no          multi-turn: 1 on sampled, 0 on observation tokens (with ids)
+    reward_hint            float           no          multi-turn: the environment's return (written when set)
+    info                   object          no          multi-turn: trajectory facts for rewards (written when set)
 
 Unknown fields are an error (a typo in a hand-written file must not pass unnoticed). Without token ids, a read
 `Rollout` has empty token tuples; the counts live in `RolloutRecord`. Example line:
@@ -49,7 +52,9 @@ FIELDS = (
     "num_completion_tokens", "finish_reason", "policy_version", "step", "reward", "rewards", "prompt_token_ids",
     "completion_token_ids", "logprobs",
 )
-"""Every field a line may hold, in the order the writer emits them."""
+"""The fields of single-turn lines, in the order the writer emits them."""
+MULTI_TURN_FIELDS = ("action_mask", "reward_hint", "info")
+"""Fields multi-turn rollouts add after those (action_mask only with token ids); older files simply lack them."""
 
 
 class RolloutFileError(ValueError):
@@ -104,6 +109,12 @@ def rollout_to_json(item: Rollout | ScoredRollout, *, step: int | None = None,
     if include_token_ids:
         record |= {"prompt_token_ids": list(r.prompt_token_ids), "completion_token_ids": list(r.completion_token_ids),
                    "logprobs": list(r.logprobs)}
+        if r.action_mask is not None:
+            record["action_mask"] = list(r.action_mask)
+    if r.reward_hint is not None:  # multi-turn fields only when set: single-turn lines stay as they were
+        record["reward_hint"] = r.reward_hint
+    if r.info:
+        record["info"] = dict(r.info)
     return record
 
 
@@ -167,11 +178,16 @@ def _check_header(data: dict[str, Any], where: str) -> None:
                                f"({ROLLOUT_FORMAT_VERSION}). Upgrade RecForge to read it.")
     if version < 1:
         raise RolloutFileError(f"{where}: format_version {version} is not valid (1..{ROLLOUT_FORMAT_VERSION}).")
-    unknown = [k for k in data if k not in FIELDS]
+    known = FIELDS + MULTI_TURN_FIELDS
+    unknown = [k for k in data if k not in known]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(FIELDS)}."
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(known)}."
         raise RolloutFileError(f"{where}: unknown field '{unknown[0]}'.{hint}")
+
+
+def _optional_tuple(values: list[Any] | None) -> tuple[Any, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def rollout_from_json(data: Any, where: str = "<record>") -> RolloutRecord:
@@ -190,6 +206,9 @@ def rollout_from_json(data: Any, where: str = "<record>") -> RolloutRecord:
             logprobs=tuple(_get(data, "logprobs", list, where, [])),
             finish_reason=_get(data, "finish_reason", str, where, "stop"),
             policy_version=_get(data, "policy_version", int, where, 0),
+            action_mask=_optional_tuple(_get(data, "action_mask", (list, type(None)), where, None)),
+            reward_hint=_get(data, "reward_hint", (float, type(None)), where, None),
+            info=_get(data, "info", dict, where, {}),
         )
     except RolloutFileError:
         raise

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -400,3 +401,110 @@ class RolloutWorker:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
         return [(output.outputs[0].text, str(output.outputs[0].finish_reason)) for output in outputs]
+
+    # -- token-in/token-out generation (multi-turn rollouts, rollouts.multiturn) -----------------------------------
+
+    def generate_tokens(
+        self,
+        prompt_token_ids_list: Sequence[Sequence[int]],
+        *,
+        num_samples: int = 1,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        policy_version: int,
+        seeds: Sequence[int | None] | None = None,
+        images: Sequence[str | None] | None = None,
+    ) -> list[list[TokenCompletion]]:
+        """`num_samples` completions of each prompt given as token ids, per prompt in input order.
+
+        Nothing is tokenized here: the ids go to vLLM as `TokensPrompt` exactly as given, and each completion's
+        sampled ids come back verbatim with their processed (tempered, top-p) log-probs, so a multi-turn caller can
+        append them to its token stream without decoding and re-tokenizing. `seeds[i]` is request i's seed (vLLM
+        gives child j seed + j); None = unseeded. `temperature=0` is greedy decoding (evaluation): the log-probs are
+        then reported as 0.0 and must not be trained on. `images[i]`: a PNG path for a vision-language model (the
+        prompt ids must hold the model's image placeholder); None = text only.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        num_prompts = len(prompt_token_ids_list)
+        seeds = [None] * num_prompts if seeds is None else list(seeds)
+        images = [None] * num_prompts if images is None else list(images)
+        self._check_token_request(prompt_token_ids_list, seeds, images, num_samples=num_samples,
+                                  temperature=temperature, policy_version=policy_version,
+                                  max_new_tokens=max_new_tokens)
+        greedy = temperature == 0
+        params = [
+            SamplingParams(n=num_samples, temperature=temperature, top_p=1.0 if greedy else top_p,
+                           max_tokens=max_new_tokens, stop=list(stop), logprobs=None if greedy else 0, seed=seed)
+            for seed in seeds
+        ]
+        prompts = []
+        for ids, image in zip(prompt_token_ids_list, images, strict=True):
+            prompt = TokensPrompt(prompt_token_ids=[int(t) for t in ids])
+            if image is not None:
+                from PIL import Image
+
+                prompt["multi_modal_data"] = {"image": Image.open(image).convert("RGB")}
+            prompts.append(prompt)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._token_completions(output, num_samples, greedy) for output in outputs]
+
+    def _check_token_request(self, prompt_token_ids_list: Sequence[Sequence[int]], seeds: Sequence[int | None],
+                             images: Sequence[str | None], *, num_samples: int, temperature: float,
+                             policy_version: int, max_new_tokens: int) -> None:
+        if self._sleeping:
+            raise RolloutRequestError("generate_tokens() on a sleeping worker: call wake_up() first.")
+        if policy_version != self._policy_version:
+            raise RolloutRequestError(
+                f"generate_tokens(policy_version={policy_version}) but this worker holds weights of version "
+                f"{self._policy_version}: sync the weights (reload_weights) before generating with the new version."
+            )
+        if num_samples < 1 or temperature < 0 or max_new_tokens < 1:
+            raise RolloutRequestError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1 "
+                                      f"and temperature={temperature} >= 0 (0 = greedy).")
+        if len(seeds) != len(prompt_token_ids_list) or len(images) != len(prompt_token_ids_list):
+            raise RolloutRequestError(f"{len(prompt_token_ids_list)} prompts but {len(seeds)} seeds and "
+                                      f"{len(images)} images; pass one of each per prompt (or None for all).")
+        for i, ids in enumerate(prompt_token_ids_list):
+            if not ids or len(ids) >= self.max_model_len:
+                raise RolloutRequestError(
+                    f"Prompt {i} has {len(ids)} tokens; it must have 1 to {self.max_model_len - 1} "
+                    f"(max_model_len={self.max_model_len}). Shorten the history or raise model.max_model_len."
+                )
+
+    @staticmethod
+    def _token_completions(output: RequestOutput, num_samples: int, greedy: bool) -> list[TokenCompletion]:
+        completions = sorted(output.outputs, key=lambda completion: completion.index)
+        assert [c.index for c in completions] == list(range(num_samples)), "vLLM returned an incomplete group"
+        out = []
+        for completion in completions:
+            token_ids = tuple(int(t) for t in completion.token_ids)
+            if greedy:
+                logprobs = (0.0,) * len(token_ids)
+            else:
+                assert completion.logprobs is not None and len(completion.logprobs) == len(token_ids)
+                steps = zip(completion.logprobs, token_ids, strict=True)
+                logprobs = tuple(float(position[token].logprob) for position, token in steps)
+            if completion.finish_reason not in _FINISH_REASONS:
+                raise RuntimeError(f"vLLM finished a completion with {completion.finish_reason!r}, expected one of "
+                                   f"{_FINISH_REASONS} (an aborted request is not a rollout).")
+            out.append(TokenCompletion(token_ids=token_ids, logprobs=logprobs, text=completion.text,
+                                       finish_reason=completion.finish_reason))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenCompletion:
+    """One completion of `RolloutWorker.generate_tokens`: the sampled ids exactly as vLLM produced them."""
+
+    token_ids: tuple[int, ...]
+    """Sampled token ids, EOS included when the model stopped on it."""
+    logprobs: tuple[float, ...]
+    """Processed (tempered, top-p) sampler log-prob of each sampled id; zeros for greedy (temperature 0) requests."""
+    text: str
+    """vLLM's decoded text of the completion (special tokens skipped), what the environment executes."""
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (hit max_new_tokens)."""

@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from rl.config import ClusterConfig, ModelConfig, RolloutConfig
 from rl.types import Rollout, Sample
-from rollouts.engine import RolloutWorker
+from rollouts.engine import RolloutWorker, TokenCompletion
 
 log = logging.getLogger(__name__)
 
@@ -276,3 +276,54 @@ class RolloutPool:
             raise RolloutWorkerLostError(
                 f"Rollout worker {worker} did not come back within {self.restart_timeout_s:.0f} s of a failure."
             ) from timed_out
+
+    # -- token-in/token-out generation (multi-turn rollouts, rollouts.multiturn) -------------------------------------
+
+    def generate_tokens(
+        self,
+        prompt_token_ids_list: Sequence[Sequence[int]],
+        *,
+        num_samples: int = 1,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        policy_version: int,
+        seeds: Sequence[int | None] | None = None,
+        images: Sequence[str | None] | None = None,
+    ) -> list[list[TokenCompletion]]:
+        """`RolloutWorker.generate_tokens` over the workers: prompts sharded contiguously, results in input order.
+
+        A worker that dies is recovered like in `generate` (weights re-applied) and its shard re-issued with the
+        same seeds, so nothing is lost or duplicated.
+        """
+        num_prompts = len(prompt_token_ids_list)
+        seeds = [None] * num_prompts if seeds is None else list(seeds)
+        images = [None] * num_prompts if images is None else list(images)
+        if len(seeds) != num_prompts or len(images) != num_prompts:
+            raise ValueError(f"{num_prompts} prompts but {len(seeds)} seeds and {len(images)} images; pass one of "
+                             "each per prompt (or None for all).")
+        prompts = [[int(t) for t in ids] for ids in prompt_token_ids_list]
+        base, extra = divmod(num_prompts, self.num_workers)
+        bounds, lo = [], 0
+        for worker in range(self.num_workers):
+            hi = lo + base + (1 if worker < extra else 0)
+            bounds.append((lo, hi))
+            lo = hi
+
+        def call_for(lo: int, hi: int) -> ActorCall:
+            return lambda actor: actor.generate_tokens.remote(
+                prompts[lo:hi], num_samples=num_samples, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, stop=list(stop), policy_version=policy_version, seeds=seeds[lo:hi],
+                images=images[lo:hi],
+            )
+
+        results = self._run_all({w: call_for(lo, hi) for w, (lo, hi) in enumerate(bounds) if hi > lo})
+        out: list[list[TokenCompletion]] = []
+        for worker, (lo, hi) in enumerate(bounds):
+            if hi > lo:
+                if len(results[worker]) != hi - lo or any(len(group) != num_samples for group in results[worker]):
+                    raise RolloutIntegrityError(f"Worker {worker} returned {len(results[worker])} completion groups "
+                                                f"for {hi - lo} prompts (num_samples={num_samples}).")
+                out.extend(results[worker])
+        return out
