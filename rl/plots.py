@@ -22,6 +22,8 @@ def plot_run(run_dir: Path) -> Path:
         if points:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o", markersize=3)
+        else:  # e.g. KL when algorithm.kl_coef=0
+            ax.text(0.5, 0.5, f"{key}\nnot logged in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
