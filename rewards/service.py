@@ -12,9 +12,13 @@ Per reward (`RewardSpec`): `num_actors` actors, each reserving `num_cpus`/`num_g
 cut into micro-batches of `batch_size`, whole groups kept together where they fit. Each call has `timeout_s`; calls
 that fail transiently (the actor died, the reward raised `TransientRewardError`/`ConnectionError`) are retried up to
 `max_retries` times; timeouts and plugin bugs are not retried. An actor whose sync call timed out keeps a thread
-running, so it is replaced by a fresh one after the step. Results of deterministic rewards are cached on the driver by
-(reward, sample id, completion hash). Failure policies, combiners and metrics are `rewards.local.assemble_report`,
-shared with the no-Ray `LocalRewardScorer`, so `recforge reward test` behaves like a training step.
+running, so it is replaced by a fresh one after the step. A dead actor is restarted by Ray (`max_restarts`) and the
+calls it had in flight are re-issued once it answers again (one death counts once, however many calls it held); an
+actor that dies more than `max_restarts` times stops the step with a `RewardError`. Restarts, re-issued calls and
+replacements are logged and counted (`fault_counts()`), and `heartbeat()` checks every actor between steps.
+Results of deterministic rewards are cached on the driver by (reward, sample id, completion hash). Failure policies,
+combiners and metrics are `rewards.local.assemble_report`, shared with the no-Ray `LocalRewardScorer`, so
+`recforge reward test` behaves like a training step.
 
 This is the only module under rewards/ that imports ray.
 """
@@ -53,6 +57,7 @@ from rewards.local import (
     prepare_rewards,
 )
 from rl.config import RewardConfig
+from rl.health import ping
 from rl.types import RewardResult, Rollout
 
 __all__ = ["RewardService", "ScoreReport"]
@@ -83,6 +88,7 @@ class _Pool:
 
     def __init__(self, p: PreparedReward, *, max_restarts: int, actor_options: Mapping[str, Any]) -> None:
         self.prepared = p
+        self.max_restarts = max_restarts
         self.capacity = p.spec.num_actors * p.spec.max_concurrency
         self._options = {"num_cpus": p.spec.num_cpus, "num_gpus": p.spec.num_gpus,
                          "max_concurrency": p.spec.max_concurrency, "max_restarts": max_restarts,
@@ -90,6 +96,11 @@ class _Pool:
         self.actors = [self._start() for _ in range(p.spec.num_actors)]
         self.busy = [0] * len(self.actors)
         self.to_replace: set[int] = set()
+        self.failures = [0] * len(self.actors)
+        """Deaths of the actor in each slot (checked against max_restarts)."""
+        self.recovered_at = [0.0] * len(self.actors)
+        """When each slot last came back from a death: calls sent before it failed with that same death."""
+        self.replacements = 0
 
     def _start(self) -> Any:
         p = self.prepared
@@ -101,13 +112,29 @@ class _Pool:
         self.busy[slot] += 1
         return self.actors[slot].score.remote(rollouts), slot
 
-    def recover(self, slot: int, timeout_s: float) -> None:
+    def recover(self, slot: int, timeout_s: float, *, sent_at: float | None = None) -> None:
         """Block until the actor in `slot` answers again after a failure: Ray restarts a dead actor (max_restarts) and
-        calls sent while it restarts fail at once, so a retry must wait. An actor gone for good is replaced, once."""
+        calls sent while it restarts fail at once, so a retry must wait. An actor gone for good is replaced, once.
+
+        `sent_at`: when the failed call was sent; a call sent before the slot's last recovery died with a death that
+        was already counted and waited for. More than `max_restarts` deaths of one slot raise `RewardError`."""
+        if sent_at is not None and sent_at < self.recovered_at[slot]:
+            return
+        key = self.prepared.key
+        self.failures[slot] += 1
+        if self.failures[slot] > self.max_restarts:
+            raise RewardError(key, f"its reward actor {slot} died {self.failures[slot]} times, more than "
+                              f"cluster.max_restarts={self.max_restarts}; the run stops rather than restart it again.",
+                              hint="Check the actor's log (an OOM kill shows as SIGKILL) or raise "
+                                   "cluster.max_restarts.")
+        logger.warning("Reward '%s': actor %d died; waiting for its restart (%d/%d).", key, slot, self.failures[slot],
+                       self.max_restarts)
         deadline, replaced = time.monotonic() + timeout_s, False
         while time.monotonic() < deadline:
             try:
                 ray.get(self.actors[slot].ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                self.recovered_at[slot] = time.monotonic()
+                logger.warning("Reward '%s': actor %d is back.", key, slot)
                 return
             except ActorDiedError:
                 if replaced:
@@ -123,6 +150,7 @@ class _Pool:
                            self.prepared.key, slot)
             ray.kill(self.actors[slot], no_restart=True)
             self.actors[slot] = self._start()
+            self.replacements += 1
         self.to_replace.clear()
 
     def kill(self) -> None:
@@ -137,6 +165,7 @@ class _Call:
     attempt: int = 1
     slot: int = -1
     deadline: float = 0.0
+    sent_at: float = 0.0
 
 
 class RewardService:
@@ -161,6 +190,7 @@ class RewardService:
                 raise RewardError(p.key, f"{p.info.target} is defined in a function or in the __main__ script, so "
                                   "Ray reward actors cannot import it.", hint="Move it to an importable module.")
         self._pools: dict[str, _Pool] = {}
+        self._reissued = 0
         self._cache: collections.OrderedDict[tuple[str, str, str], RewardResult] = collections.OrderedDict()
         try:
             for p in self.prepared:
@@ -173,6 +203,32 @@ class RewardService:
     @property
     def reward_names(self) -> list[str]:
         return [p.key for p in self.prepared]
+
+    def fault_counts(self) -> dict[str, int]:
+        """Cumulative counts since start: actor deaths recovered from, calls re-issued after one, and actors replaced
+        after a stuck (timed-out) call."""
+        return {"fault/reward_restarts": sum(sum(pool.failures) for pool in self._pools.values()),
+                "fault/reissued_reward_calls": self._reissued,
+                "fault/reward_replacements": sum(pool.replacements for pool in self._pools.values())}
+
+    def heartbeat(self, timeout_s: float) -> float:
+        """Ping every reward actor between steps; returns the slowest answer's latency. A dead actor is waited for
+        (Ray restarts it; counts against max_restarts), one that does not answer in time is replaced."""
+        actors = {f"{key}/{slot}": actor for key, pool in self._pools.items() for slot, actor in enumerate(pool.actors)}
+        beats = ping(actors, timeout_s=timeout_s)
+        for name, beat in beats.items():
+            if beat.alive:
+                continue
+            key, slot = name.rsplit("/", 1)
+            pool = self._pools[key]
+            logger.warning("Reward '%s': actor %s failed its heartbeat (%s).", key, slot, beat.error)
+            if beat.dead:
+                pool.recover(int(slot), self._start_timeout_s)
+            else:
+                pool.to_replace.add(int(slot))
+        for pool in self._pools.values():
+            pool.replace_marked()
+        return max((beat.latency_s for beat in beats.values()), default=0.0)
 
     def _wait_ready(self, timeout_s: float) -> None:
         refs = {actor.ready.remote(): key for key, pool in self._pools.items() for actor in pool.actors}
@@ -218,7 +274,8 @@ class RewardService:
             while queue and sum(pool.busy) < pool.capacity:
                 call = queue.popleft()
                 ref, call.slot = pool.submit([rollouts[i] for i in call.indices])
-                call.deadline = time.monotonic() + pool.prepared.spec.timeout_s + GRACE_S
+                call.sent_at = time.monotonic()
+                call.deadline = call.sent_at + pool.prepared.spec.timeout_s + GRACE_S
                 in_flight[ref] = call
 
     def _collect(self, in_flight: dict[ray.ObjectRef, _Call], queues: dict[str, collections.deque[_Call]],
@@ -232,8 +289,8 @@ class RewardService:
             pool.busy[call.slot] -= 1
             outcome, actor_failed = self._outcome(ref, len(call.indices))
             if actor_failed:
-                pool.recover(call.slot, self._start_timeout_s)
-            self._settle(call, outcome, queues, run)
+                pool.recover(call.slot, self._start_timeout_s, sent_at=call.sent_at)
+            self._settle(call, outcome, queues, run, actor_failed=actor_failed)
         now = time.monotonic()
         for ref, call in list(in_flight.items()):
             if call.deadline <= now:
@@ -260,11 +317,15 @@ class RewardService:
             return failed_outcome(num, f"the Ray call failed: {_short(err)}", 0.0), False
 
     def _settle(self, call: _Call, outcome: BatchOutcome, queues: dict[str, collections.deque[_Call]],
-                run: RewardRun) -> None:
+                run: RewardRun, *, actor_failed: bool = False) -> None:
         pool = self._pools[call.key]
         if outcome.timed_out and not pool.prepared.info.is_async:
             pool.to_replace.add(call.slot)  # its daemon thread may still be running the plugin
         if outcome.transient and call.attempt <= pool.prepared.spec.max_retries:
+            if actor_failed:
+                self._reissued += 1
+                logger.warning("Reward '%s': re-issuing a call of %d rollouts that its dead actor held (re-issue %d "
+                               "in this run).", call.key, len(call.indices), self._reissued)
             logger.warning("Reward '%s': %s; retrying (%d/%d).", call.key, outcome.errors[0], call.attempt,
                            pool.prepared.spec.max_retries)
             queues[call.key].appendleft(_Call(key=call.key, indices=call.indices, attempt=call.attempt + 1))

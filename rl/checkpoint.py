@@ -3,7 +3,11 @@
 Layout: `{run_dir}/checkpoints/step_{k:06d}/` holding `learner/` (DeepSpeed, every rank), `trainer_state.json`,
 `config.yaml` and, written last, `COMPLETE`. A checkpoint is built under a `.partial-*` name and renamed into place
 only when complete, so a crash mid-save never damages the last good checkpoint; `latest_checkpoint` ignores anything
-without `COMPLETE`.
+without `COMPLETE`, and `recover_interrupted` (run on resume) removes what an interrupted save left behind.
+
+Fault injection (tests only): with `RECFORGE_FAULT_CHECKPOINT_PAUSE="<step>:<seconds>"` in the environment, saving
+checkpoint `<step>` pauses for `<seconds>` after the learner state and trainer state are written and before the
+`COMPLETE` marker, so a test can kill the driver at the worst moment of a save.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 LEARNER_TAG = "learner"
+FAULT_PAUSE_ENV = "RECFORGE_FAULT_CHECKPOINT_PAUSE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +78,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, *, config_yaml: str,
         save_learner(str(partial), LEARNER_TAG)
         (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
         (partial / "config.yaml").write_text(config_yaml)
+        _fault_pause(state.step, partial)
         _fsync_tree(partial)
         (partial / COMPLETE).write_text("ok\n")
         if final.exists():  # re-saving the same step (e.g. after a resume): swap, never leave a gap
@@ -81,6 +88,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, *, config_yaml: str,
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(partial, final)
+        _fsync_dir(root)  # the rename itself survives a power cut (matters on shared storage)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
@@ -89,11 +97,57 @@ def save_checkpoint(run_dir: Path, state: TrainerState, *, config_yaml: str,
     return final
 
 
+def _fault_pause(step: int, partial: Path) -> None:
+    spec = os.environ.get(FAULT_PAUSE_ENV, "")
+    if not spec:
+        return
+    at, _, seconds = spec.partition(":")
+    if int(at) == step:
+        log.warning("%s=%s: pausing %s s inside the save of %s (fault-injection hook).", FAULT_PAUSE_ENV, spec,
+                    seconds, partial.name)
+        time.sleep(float(seconds))
+
+
+def recover_interrupted(run_dir: Path) -> list[str]:
+    """Tidy what a save killed midway left behind (call before resuming; the caller must be the run's only writer).
+
+    A `.partial-step_k-*` directory that has its `COMPLETE` marker (killed just before its rename) becomes `step_k`
+    when that is missing; any other `.partial-*` is removed. A `.stale-step_k-*` directory is the complete previous
+    copy of step k moved aside while k was being re-saved: moved back when `step_k` is still missing, else removed.
+    Returns one line per action, for the log.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    actions = []
+    for kind in (".partial-", ".stale-"):
+        for path in sorted(root.glob(f"{kind}step_*")):
+            final = root / path.name[len(kind):].rsplit("-", 1)[0]
+            if (path / COMPLETE).is_file() and not final.exists():
+                os.replace(path, final)
+                actions.append(f"moved the complete {path.name} into place as {final.name} (its save was interrupted "
+                               "after it completed)")
+    for path in sorted([*root.glob(".partial-*"), *root.glob(".stale-*")]):
+        shutil.rmtree(path, ignore_errors=True)
+        actions.append(f"removed {path.name} (left by an interrupted save)")
+    if actions:
+        _fsync_dir(root)
+    return actions
+
+
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep: int) -> None:

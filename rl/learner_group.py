@@ -3,19 +3,37 @@
 It starts the actors, rendezvouses them into one torch.distributed group (rank 0's address and a free port), shards
 each `TrainBatch` over the ranks with equal micro-batch counts (ZeRO's collectives need every rank to run the same
 number of passes), computes the global loss denominator, and gathers metrics.
+
+Failures (rl/health.py): every call goes through `rl.health.wait_all`, so a rank that dies fails the call at once and
+a rank that does not answer within `call_timeout_s` (`cluster.learner_timeout_s`) fails it at the deadline, both with
+`LearnerFailedError`, instead of the driver waiting on survivors that are blocked in a collective. Learner ranks are
+not restarted in place (a new rank cannot join the old process group); the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ray
 import torch
 
 from rl.config import AlgorithmConfig, LearnerConfig
+from rl.health import ActorCallError, ping, wait_all
 from rl.losses import loss_denominator
 from rl.types import TrainBatch
+
+
+class LearnerFailedError(ActorCallError):
+    """A learner rank died, raised, or missed its deadline; the step cannot complete (the ranks share one group)."""
+
+    def __init__(self, name: str, what: str, cause: str, *, timed_out: bool = False) -> None:
+        super().__init__(name, what, cause, timed_out=timed_out)
+        hint = ("Raise cluster.learner_timeout_s if the step is merely slow; otherwise " if timed_out else "")
+        self.args = (f"{self.args[0]}. The learner ranks share one torch.distributed group and cannot go on without "
+                     f"this rank, so the run stops here. {hint}Submit the same command again: with run.resume=auto "
+                     "it resumes from the last checkpoint.",)
 
 
 def shard_bounds(num_sequences: int, world_size: int) -> list[tuple[int, int]]:
@@ -41,10 +59,13 @@ class LearnerGroup:
     """Ray actors running `rl.learner.Learner`, one per rank."""
 
     def __init__(self, *, model_path: str, learner_cfg: LearnerConfig, algorithm_cfg: AlgorithmConfig, dtype: str,
-                 temperature: float, seed: int, max_completion_length: int, colocate: bool) -> None:
+                 temperature: float, seed: int, max_completion_length: int, colocate: bool,
+                 call_timeout_s: float | None = None) -> None:
+        """`call_timeout_s`: deadline of every call to the ranks (None = none; a dead rank still fails at once)."""
         from rl.learner import Learner  # deepspeed is imported by the actors' module; keep it lazy on the driver
 
         self.cfg, self.algo = learner_cfg, algorithm_cfg
+        self.call_timeout_s = call_timeout_s
         self.max_completion_length = max_completion_length
         world = learner_cfg.num_ranks
         gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
@@ -60,8 +81,30 @@ class LearnerGroup:
                              max_completion_length=max_completion_length, num_threads=threads)
             for rank in range(world)
         ]
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        ray.get([actor.setup.remote(master_addr, master_port) for actor in self.actors])
+        try:
+            master_addr, master_port = self._gather({0: self.actors[0].address.remote()}, "start-up")[0]
+            self._gather({rank: a.setup.remote(master_addr, master_port) for rank, a in enumerate(self.actors)},
+                         "setup")
+        except BaseException:
+            self.shutdown()  # the surviving ranks may be blocked in the rendezvous: never leave them behind
+            raise
+
+    def _gather(self, calls: dict[int, ray.ObjectRef], what: str) -> list[Any]:
+        """Results in rank order; `LearnerFailedError` on the first dead/raising rank or at the deadline."""
+        try:
+            results = wait_all({f"learner rank {rank}": ref for rank, ref in calls.items()}, what=what,
+                               timeout_s=self.call_timeout_s)
+        except ActorCallError as err:
+            raise LearnerFailedError(err.name, err.what, err.cause, timed_out=err.timed_out) from err
+        return [results[f"learner rank {rank}"] for rank in sorted(calls)]
+
+    def heartbeat(self, timeout_s: float) -> float:
+        """Ping every rank; returns the slowest answer's latency. `LearnerFailedError` if a rank is dead or silent."""
+        beats = ping({f"learner rank {rank}": actor for rank, actor in enumerate(self.actors)}, timeout_s=timeout_s)
+        for beat in beats.values():
+            if not beat.alive:
+                raise LearnerFailedError(beat.name, "a heartbeat", beat.error or "no answer", timed_out=not beat.dead)
+        return max((beat.latency_s for beat in beats.values()), default=0.0)
 
     @property
     def world_size(self) -> int:
@@ -80,27 +123,31 @@ class LearnerGroup:
             for actor, (lo, hi) in zip(self.actors, bounds, strict=True)
         ]
         # A rank given no sequences trains on a zero-mask copy (see `micro_batches`); it adds nothing to the loss.
-        per_rank = ray.get(futures)
+        per_rank = self._gather(dict(enumerate(futures)), "train")
         return _reduce_metrics(per_rank, batch)
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Current policy log-probs (B, T) of every token of `batch`, each rank computing its shard."""
         bounds = shard_bounds(batch.num_sequences, self.world_size)
-        pairs = zip(self.actors, bounds, strict=True)
-        parts = ray.get([a.logprobs.remote(slice_batch(batch, lo, hi)) for a, (lo, hi) in pairs if hi > lo])
+        pairs = enumerate(zip(self.actors, bounds, strict=True))
+        parts = self._gather({rank: a.logprobs.remote(slice_batch(batch, lo, hi)) for rank, (a, (lo, hi)) in pairs
+                              if hi > lo}, "logprobs")
         return torch.cat(parts, dim=0)
 
     def export_weights(self, directory: str) -> dict[str, float]:
-        return ray.get([a.export_weights.remote(directory) for a in self.actors])[0]
+        return self._gather(self._all(lambda a: a.export_weights.remote(directory)), "weight export")[0]
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        ray.get([a.save_checkpoint.remote(directory, tag) for a in self.actors])
+        self._gather(self._all(lambda a: a.save_checkpoint.remote(directory, tag)), "checkpoint save")
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
-        ray.get([a.load_checkpoint.remote(directory, tag) for a in self.actors])
+        self._gather(self._all(lambda a: a.load_checkpoint.remote(directory, tag)), "checkpoint load")
 
     def greedy(self, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
-        return ray.get(self.actors[0].greedy.remote(prompt_token_ids, max_new_tokens))
+        return self._gather({0: self.actors[0].greedy.remote(prompt_token_ids, max_new_tokens)}, "greedy")[0]
+
+    def _all(self, call: Any) -> dict[int, ray.ObjectRef]:
+        return {rank: call(actor) for rank, actor in enumerate(self.actors)}
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -7,6 +7,11 @@ A recipe supplies a `PromptSource` (the training prompts in a deterministic orde
 function; everything else — actors, logging (console progress bar, `metrics.jsonl`, TensorBoard, rollout JSONL),
 checkpoints and `resume: auto` — lives here. Same seed and config give the same run, and a resumed run continues
 exactly where the interrupted one stopped (data position, RNG, optimizer state, weights).
+
+Faults (rl/health.py): every `cluster.health_check_every` steps the actors answer a heartbeat before the step starts;
+restarts and re-issued work of rollout workers and reward actors are reported per step as `fault/*` metrics; a step
+that fails for good (a learner rank lost, an actor past `cluster.max_restarts`) stops the run with an error that
+names the last good checkpoint, from which `resume: auto` continues when the same command is submitted again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tqdm import tqdm
 from rl import checkpoint as ckpt
 from rl.advantages import ADVANTAGE_ESTIMATORS
 from rl.config import Config, ConfigError, save_config, to_dict
+from rl.health import FaultCounters
 from rl.learner_group import LearnerGroup
 from rl.types import Rollout, Sample, ScoredRollout, TrainBatch
 from rl.weight_sync import make_weight_sync
@@ -180,6 +186,7 @@ class Trainer:
         self.sync = make_weight_sync(cfg.cluster.weight_sync, cfg.cluster.sync_dir)
         self.pool = self.learners = self.rewards = None
         self.state = ckpt.TrainerState(step=0, policy_version=0, data_position=0, rng=ckpt.capture_rng())
+        self.faults = FaultCounters()
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -191,6 +198,8 @@ class Trainer:
                                   "run.name or run.output_dir, or set run.resume=auto to continue it.")
             return None
         if resume == "auto":
+            for action in ckpt.recover_interrupted(self.run_dir):  # e.g. the driver was killed mid-save
+                log.warning("checkpoints of %s: %s", self.run_dir, action)
             return ckpt.latest_checkpoint(self.run_dir)
         path = Path(resume)
         if not (path / ckpt.COMPLETE).is_file():
@@ -211,13 +220,14 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
         self.pool = RolloutPool(self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout,
-                                cluster_cfg=cfg.cluster, seed=cfg.run.seed)
+                                cluster_cfg=cfg.cluster, seed=cfg.run.seed,
+                                restart_timeout_s=cfg.cluster.restart_timeout_s)
         self.learners = LearnerGroup(
             model_path=self.model_path, learner_cfg=cfg.learner, algorithm_cfg=cfg.algorithm, dtype=cfg.model.dtype,
             temperature=cfg.rollout.temperature, seed=cfg.run.seed, max_completion_length=cfg.rollout.max_new_tokens,
-            colocate=cfg.cluster.colocate,
+            colocate=cfg.cluster.colocate, call_timeout_s=cfg.cluster.learner_timeout_s,
         )
-        self.rewards = RewardService(cfg.reward)
+        self.rewards = RewardService(cfg.reward, max_restarts=cfg.cluster.max_restarts)
         if resume_from is not None:
             self.state = ckpt.load_trainer_state(resume_from)
             self.learners.load_checkpoint(str(resume_from), ckpt.LEARNER_TAG)
@@ -244,7 +254,14 @@ class Trainer:
         bar = tqdm(range(self.state.step + 1, cfg.run.num_steps + 1), initial=self.state.step,
                    total=cfg.run.num_steps, desc="train", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
         for step in bar:
-            last = self.step(step)
+            try:
+                last = self.step(step)
+            except Exception as err:
+                latest = ckpt.latest_checkpoint(self.run_dir)
+                log.error("step %d failed (%s: %s). The run stops; its last good checkpoint is %s. Submit the same "
+                          "command again to resume from it (run.resume=auto).", step, type(err).__name__,
+                          str(err).splitlines()[0] if str(err) else "", latest or "none (it starts over)")
+                raise
             bar.set_postfix(reward=f"{last.get('reward/total', float('nan')):.3f}",
                             kl=f"{last.get('loss/kl', 0.0):.4f}", tok_s=f"{last.get('rollout/tokens_per_s', 0):.0f}")
             for callback in self.callbacks:
@@ -257,6 +274,9 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         cfg, start = self.cfg, time.perf_counter()
+        heartbeat = {}
+        if cfg.cluster.health_check_every and step % cfg.cluster.health_check_every == 0:
+            heartbeat = self.heartbeat()
         samples = draw_prompts(self.prompts, self.state.data_position, cfg.rollout.num_prompts_per_step, cfg.run.seed)
         version = self.state.policy_version
         t0 = time.perf_counter()
@@ -281,11 +301,21 @@ class Trainer:
                                        data_position=self.state.data_position + len(samples), rng=ckpt.capture_rng())
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(self, step))
+        metrics.update(heartbeat)
+        metrics.update(self.faults.step_metrics({**self.pool.fault_counts(), **self.rewards.fault_counts()}))
         metrics["timing/step"] = time.perf_counter() - start
         self.logger.log(step, metrics)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.num_steps:
             self.save()
         return metrics
+
+    def heartbeat(self) -> dict[str, float]:
+        """Ping every actor (learners first: a lost rank ends the run before the step's work is spent); dead or
+        unresponsive rollout and reward actors are restarted here. Returns `health/*` latencies."""
+        timeout = self.cfg.cluster.health_check_timeout_s
+        return {"health/learner_ping_s": self.learners.heartbeat(timeout),
+                "health/rollout_ping_s": self.pool.heartbeat(timeout),
+                "health/reward_ping_s": self.rewards.heartbeat(timeout)}
 
     def _learn(self, scored: Sequence[ScoredRollout], step: int) -> dict[str, float]:
         rewards_N = torch.tensor([s.reward for s in scored], dtype=torch.float32)

@@ -9,7 +9,9 @@ restart it, re-applies the weights of the last `sync(weights_dir, version)` (so 
 stay readable until the next one; `rl.weight_sync.PathWeightSync` keeps it), and re-issues exactly the shard that
 worker had. The re-issued shard has the same ids, and with a seed the same rollouts (request seeds derive from the
 sample ids), so a step never loses or duplicates a rollout; the gathered ids are checked against the expected ones.
-A worker that fails more than `max_restarts` times raises `RolloutWorkerLostError`.
+A worker that fails more than `max_restarts` times raises `RolloutWorkerLostError`. Restarts and re-issued calls are
+logged at WARNING and counted (`fault_counts()`: `fault/rollout_restarts`, `fault/reissued_shards`), and
+`heartbeat()` restarts a worker that is dead or does not answer a ping between steps (see rl/health.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from rl.config import ClusterConfig, ModelConfig, RolloutConfig
+from rl.health import ping
 from rl.types import Rollout, Sample
 from rollouts.engine import RolloutWorker, TokenCompletion
 
@@ -106,6 +109,7 @@ class RolloutPool:
             for worker in range(num_workers)
         ]
         self._failures = [0] * num_workers
+        self._reissued = 0
         self._synced: tuple[str, int] | None = None
         self._closed = False
         ray.get([actor.health.remote() for actor in self._actors])  # engine build errors surface here
@@ -135,6 +139,27 @@ class RolloutPool:
     def num_failures(self) -> int:
         """Worker failures recovered from so far (all workers)."""
         return sum(self._failures)
+
+    def fault_counts(self) -> dict[str, int]:
+        """Cumulative counts since start: worker restarts waited for, and calls re-issued after one."""
+        return {"fault/rollout_restarts": self.num_failures, "fault/reissued_shards": self._reissued}
+
+    def heartbeat(self, timeout_s: float) -> float:
+        """Ping every worker between steps; returns the slowest answer's latency. A dead worker is recovered here
+        (restart awaited, weights re-applied); one that does not answer within `timeout_s` is killed so that Ray
+        restarts it, then recovered. Both count against `cluster.max_restarts`."""
+        if self._closed:
+            raise RuntimeError("RolloutPool is shut down.")
+        beats = ping({str(worker): actor for worker, actor in enumerate(self._actors)}, timeout_s=timeout_s)
+        for worker in range(self.num_workers):
+            beat = beats[str(worker)]
+            if beat.alive:
+                continue
+            log.warning("Rollout worker %d failed its heartbeat (%s).", worker, beat.error)
+            if not beat.dead:  # alive but stuck (e.g. a hung engine): kill it, Ray restarts it
+                ray.kill(self._actors[worker], no_restart=False)
+            self._recover(worker, RayActorError(error_msg=f"missed a heartbeat: {beat.error}"))
+        return max((beat.latency_s for beat in beats.values()), default=0.0)
 
     def generate(self, samples: Sequence[Sample], *, policy_version: int, seed: int | None) -> list[Rollout]:
         """G = `rollout.num_samples_per_prompt` rollouts per sample, grouped per sample, in input order."""
@@ -236,6 +261,9 @@ class RolloutPool:
                     break
                 except RayActorError as err:
                     self._recover(worker, err)
+                    self._reissued += 1
+                    log.warning("Rollout worker %d: re-issuing its unfinished call (re-issue %d in this run).",
+                                worker, self._reissued)
                     ref = calls[worker](self._actors[worker])
         return results
 
@@ -255,8 +283,8 @@ class RolloutPool:
                 health = self._wait_alive(worker)
                 if self._synced is not None:
                     ray.get(self._actors[worker].reload_weights.remote(*self._synced))
-                log.warning("Rollout worker %d is back (pid %s, weights v%d); re-issuing its work.", worker,
-                            health["pid"], self.policy_version)
+                log.warning("Rollout worker %d is back (pid %s, weights v%d re-applied).", worker, health["pid"],
+                            self.policy_version)
                 return
             except RayActorError as again:
                 err = again
