@@ -228,7 +228,9 @@ class Trainer:
             colocate=cfg.cluster.colocate, call_timeout_s=cfg.cluster.learner_timeout_s,
         )
         self.rewards = RewardService(cfg.reward, max_restarts=cfg.cluster.max_restarts)
-        if resume_from is not None:
+        if resume_from is None:
+            self.logger.truncate_after(0)  # a fresh start in an existing run dir: drop its stale metric lines
+        else:
             self.state = ckpt.load_trainer_state(resume_from)
             self.learners.load_checkpoint(str(resume_from), ckpt.LEARNER_TAG)
             ckpt.restore_rng(self.state.rng)
