@@ -19,6 +19,7 @@ from rollouts.envs.rec import RecData  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ctr_dir(tmp_path_factory):
+    prepare("data")  # a clean machine: the training command reads the prepared MovieLens files
     out = tmp_path_factory.mktemp("ctr")
     cmd = [sys.executable, "-m", "rewards.train", "ctr", "--out", str(out), "--epochs", "1", "--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
