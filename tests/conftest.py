@@ -34,6 +34,15 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_assets():
+    """The embedded model, MovieLens and the encoder, prepared once per session (a no-op when already there), so
+    any test can run first on a clean machine."""
+    from rl.assets import prepare
+
+    return prepare("all")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
