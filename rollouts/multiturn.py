@@ -11,8 +11,8 @@ mode (rollouts.context), ask the generator for one completion given those ids (`
 text to the environment (the last action in it is executed), and record the sampled ids and log-probs verbatim.
 Episodes of a batch advance in lock step, one batched vLLM call per turn for every running episode; an environment
 freed by a finished episode starts the next waiting one (the environments are the scarce resource). The episode ends
-when the environment says done (success, failure, `max_turns`, a dead browser) or when the next prompt would not fit
-in `max_model_len` (ended as a failure, `end_reason="context full"`).
+when the environment says done (success, failure, its step limit, a dead browser), after `max_turns` answers, or when
+the next prompt would not fit in `max_model_len` (ended as a failure, `end_reason="context full"`).
 
 Segments. A trajectory is one or more *segments*; a segment is one training sequence: `prompt_ids` (what vLLM was
 given on the segment's first turn) + `completion_ids` (the sampled answers, with the observation tokens appended
@@ -394,6 +394,8 @@ class MultiTurnCollector:
             traj.done, traj.success = True, result.success
             traj.end_reason = str(result.info.get("reason") or ("environment failed" if result.env_error else ""))
             traj.final_info = dict(result.info)
+        elif record.turn >= self.max_turns:  # environments normally end it themselves (max_steps = max_turns)
+            traj.done, traj.end_reason, traj.final_info = True, "max turns", dict(result.info)
         else:
             traj.next_obs = result.observation
 

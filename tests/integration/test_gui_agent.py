@@ -201,8 +201,10 @@ def test_gui_agent_learning_check_embedded_model(ray_local, tmp_path, capsys):
     """30 steps of debug.yaml with the embedded SmolLM2-135M: success rate before vs after (reported, and asserted
     not to drop: a 135M model from near-zero success is a weak learner, see the numbers printed)."""
     cfg = load_config(ROOT / "recipes/gui_agent/debug.yaml", [
-        "run.num_steps=30", "run.save_every=0", "run.eval_every=15", "gui.eval_before_training=true",
-        "gui.num_eval_episodes=16", "logging.progress_bar=false", "logging.tensorboard=false"])
+        "run.num_steps=30", "run.save_every=10", "run.keep_checkpoints=1", "run.eval_every=15",
+        "gui.eval_before_training=true", "gui.num_eval_episodes=16", "gui.max_turns=2", "rollout.max_new_tokens=16",
+        "gui.num_envs=2", "learner.lr=5e-5", "learner.micro_batch_size=2", "logging.progress_bar=false",
+        "logging.tensorboard=false"])
     run_dir = run_recipe(cfg, run_dir=tmp_path / "learn")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [(row["step"], row["eval/success_rate"], row["eval/atp"]) for row in rows if "eval/success_rate" in row]

@@ -147,6 +147,15 @@ def test_groups_share_environments_and_context_full_ends_an_episode(tokenizer):
     assert metrics["traj/context_full_frac"] == 1.0 and metrics["traj/success_rate"] == 0.0
 
 
+def test_max_turns_ends_an_episode_the_environment_would_continue(tokenizer):
+    generator = ScriptedGenerator(tokenizer, [WRONG])
+    collector = MultiTurnCollector(
+        generator, LocalEnvs([FakeEnv(max_steps=10)]), ChatRenderer(tokenizer), context=ContextSettings(),
+        sampling=SamplingSettings(temperature=1.0, max_new_tokens=24, max_model_len=8192), max_turns=2)
+    [traj] = collector.collect([_sample()], num_samples=1, policy_version=0, seed=None)
+    assert (len(traj.turns), traj.end_reason, traj.success) == (2, "max turns", False)
+
+
 def test_segment_advantages_give_per_trajectory_normalisation():
     # Group 0: trajectory a (2 rows: 2 + 6 action tokens) reward 1; trajectory b (1 row, 4 tokens) reward 0.
     # Group 1: trajectories c, d (1 row each, 3 and 5 tokens) rewards 1 and 1 -> advantage 0.
