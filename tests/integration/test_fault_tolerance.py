@@ -341,6 +341,8 @@ def faulty_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     return run_dir, injector
 
 
+# Timing-based kills: on a loaded 2-core box the kill can miss generate; run in sessions (`make test-slow`).
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # runs the training with faults in its set-up
 def test_rollout_worker_killed_mid_generation_step_completes_with_current_weights(faulty_run, reference_run):
     run_dir, injector = faulty_run
@@ -367,6 +369,7 @@ def test_rollout_worker_killed_mid_generation_step_completes_with_current_weight
         assert_same_metrics(metrics[step], reference_run[step], step)
 
 
+@pytest.mark.slow
 def test_reward_actor_killed_mid_batch_every_rollout_scored_exactly_once(faulty_run, reference_run):
     run_dir, injector = faulty_run
     metrics = read_metrics(run_dir)
