@@ -69,7 +69,7 @@ def plot_rollout(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks(list(xs), [f"G={g}" for g in groups])
     ax.set_ylabel("generated tokens / s")
     settings = result["settings"]
-    ax.set_title(f"{settings['num_prompts']} prompts x G, {settings['max_new_tokens']} tokens each")
+    ax.set_title(f"{_prompts(settings['num_prompts'])} x G, {settings['max_new_tokens']} tokens each")
     ax.legend(fontsize=8)
     if "scaling" in result:
         ax = axes[0][1]
@@ -77,7 +77,7 @@ def plot_rollout(result: dict[str, Any], path: Path) -> None:
         bars = ax.bar([row["config"] for row in srows], [row["tokens_per_s"] for row in srows], color="#1f77b4")
         ax.bar_label(bars, fmt="%.0f")
         ax.set_ylabel("generated tokens / s")
-        ax.set_title(f"RolloutPool, G={result['scaling']['group']}, {result['scaling']['num_prompts']} prompts")
+        ax.set_title(f"RolloutPool, G={result['scaling']['group']}, {_prompts(result['scaling']['num_prompts'])}")
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"Rollout throughput — {_machine_line(result['machine'])}", fontsize=10)
     fig.tight_layout()
@@ -103,7 +103,7 @@ def plot_step(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("wall time of one GRPO step (s)")
     ax.legend(fontsize=8)
     work = result["workload"]
-    ax.set_title(f"G={work['group']}, {work['num_prompts']} prompts, {work['max_new_tokens']} tokens", fontsize=10)
+    ax.set_title(f"G={work['group']}, {_prompts(work['num_prompts'])}, ≤{work['max_new_tokens']} tokens", fontsize=10)
     ax = axes[1]
     roles = sorted({role for name in names for role in result[name]["memory"]["peak_pss_by_role_gib"]})
     bottoms = [0.0] * len(names)
@@ -137,6 +137,8 @@ def plot_sync(result: dict[str, Any], path: Path) -> None:
         ax.annotate(row["model"], (row["gib"], row["push_s"]), textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(gib, [f"{g:.2f}" for g in gib])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("bytes moved (GiB, float32)")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8)
