@@ -1,8 +1,9 @@
 """One full GRPO step, RecForge vs TRL 1.16's GRPOTrainer: wall time and peak memory, same workload, this machine.
 
-    .venv/bin/python -m bench.step                     # G=8, 2 prompts/step, 128 tokens
+    .venv/bin/python -m bench.step                     # G=8, 1 prompt/step (one group), 128 tokens
     .venv/bin/python -m bench.step --quick             # G=4, 1 prompt, 32 tokens (about 3 minutes)
     .venv/bin/python -m bench.step --only trl          # one framework (recforge | trl)
+    .venv/bin/python -m bench.step --num-prompts 2     # two groups per step (16 sequences)
     .venv/bin/python -m bench.step --probe-trl-vllm    # also try TRL's vLLM path here and record how it ends
 
 Prints one JSON object and writes bench/out/step[_quick].json and .png.
@@ -271,7 +272,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="G=4, 1 prompt, 32 tokens")
     parser.add_argument("--only", choices=["recforge", "trl"], default=None)
     parser.add_argument("--group", type=int, default=None, help="G (default 8)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="prompts per step (default 2)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts per step (default 1: one group)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default 128)")
     parser.add_argument("--probe-trl-vllm", action="store_true",
                         help="also try TRL's vLLM path (colocate) on this machine and record what happens (~2 min)")
@@ -279,7 +280,7 @@ def main() -> None:
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.group = args.group or (4 if args.quick else 8)
-    args.num_prompts = args.num_prompts or (1 if args.quick else 2)
+    args.num_prompts = args.num_prompts or 1
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 128)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.child:
