@@ -78,6 +78,8 @@ def _fail(console: Console, message: str) -> int:
 
 
 def _cmd_list(args: argparse.Namespace, console: Console) -> int:
+    if not sys.stdout.isatty():  # piped or captured: one unwrapped line per reward, easy to grep
+        return _print_list_plain(console)
     table = Table(title="Rewards (use the name in a recipe's reward.rewards[].name)", title_justify="left")
     for col in ("name", "source", "kind", "deterministic", "description"):
         table.add_column(col, overflow="fold")
@@ -90,6 +92,23 @@ def _cmd_list(args: argparse.Namespace, console: Console) -> int:
                       escape(row.info.description))
     console.print(table)
     console.print("Ad-hoc rewards need no registration: name them 'package.module:function'.")
+    return 0
+
+
+def _print_list_plain(console: Console) -> int:
+    rows = [("name", "source", "kind", "deterministic", "description")]
+    for row in list_rewards():
+        if row.info is None:
+            rows.append((row.name, row.source, "-", "-", f"error: {row.error or ''}"))
+        else:
+            rows.append((row.name, row.source, "async" if row.info.is_async else "sync",
+                         "yes" if row.info.deterministic else "no", " ".join(row.info.description.split())))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    console.print("Rewards (use the name in a recipe's reward.rewards[].name)", soft_wrap=True)
+    for r in rows:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]
+        console.print(escape(line), soft_wrap=True)
+    console.print("Ad-hoc rewards need no registration: name them 'package.module:function'.", soft_wrap=True)
     return 0
 
 
