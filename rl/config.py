@@ -89,6 +89,14 @@ class DataConfig:
     """Users evaluated at each evaluation."""
     max_train_users: int = field(default=0, metadata=_range(0))
     """Cap on training users (0 = all)."""
+    num_train_candidates: int = field(default=10, metadata=_range(2))
+    """Candidates listed in a training prompt of recipes that choose among candidates (negfeedback_pgrpo): the
+    target plus sampled others."""
+    eval_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """Cutoffs K of the ranking metrics at evaluation (HR@K, NDCG@K, FHR@K)."""
+    recent_days: float = field(default=30.0, metadata=_range(0.0, lo_open=True))
+    """negfeedback_pgrpo, curriculum filter "recent_negatives": a user's negative feedback within this many days
+    before the end of their training history."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +305,29 @@ class GuiConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One stage of a progressive curriculum (rl/curriculum.py)."""
+
+    name: str
+    """Stage name in logs and metrics, e.g. "recent_negatives"."""
+    data_filter: str = ""
+    """The recipe's data filter (prompt source) while the stage is active; "" = the stage's name."""
+    num_steps: int | None = field(default=None, metadata=_range(1))
+    """Step budget of the stage; null (last stage only) = until training ends."""
+    kl_coef: float | None = field(default=None, metadata=_range(0.0))
+    """β of the KL penalty while the stage is active; null = algorithm.kl_coef. A β > 0 needs algorithm.kl_coef > 0
+    (that is what loads the frozen reference model)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurriculumConfig:
+    """Progressive GRPO (negative-feedback modelling): stages run back to back, each with its data and KL β."""
+
+    stages: list[StageConfig] = field(default_factory=list)
+    """The stages in order; empty = no curriculum (one prompt source, algorithm.kl_coef throughout)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -308,6 +339,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     gui: GuiConfig = field(default_factory=GuiConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -430,7 +462,35 @@ def validate(cfg: Config) -> Config:
             "cluster.weight_sync='nccl' broadcasts between separate devices, but cluster.colocate=true shares one. "
             "Use cluster.weight_sync=path when colocated."
         )
+    bad_k = [k for k in cfg.data.eval_k if k < 1]
+    if bad_k or not cfg.data.eval_k:
+        raise ConfigError(f"data.eval_k={cfg.data.eval_k}: ranking cutoffs must be a non-empty list of K >= 1.")
+    _validate_curriculum(cfg)
     return cfg
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    from rl.curriculum import ProgressiveSchedule, schedule_from_config  # local: the schedule lives with the loop
+
+    stages = cfg.curriculum.stages
+    if not stages:
+        return
+    try:
+        schedule: ProgressiveSchedule = schedule_from_config(cfg.curriculum, default_kl=cfg.algorithm.kl_coef)
+    except ValueError as err:
+        raise ConfigError(f"curriculum.stages: {err}") from err
+    total = schedule.total_steps
+    if total is not None and total < cfg.run.num_steps:
+        raise ConfigError(
+            f"curriculum.stages budget {total} steps ({', '.join(f'{s.name}={s.num_steps}' for s in stages)}) is "
+            f"shorter than run.num_steps={cfg.run.num_steps}. Lengthen a stage, or give the last stage "
+            "num_steps: null to run until training ends.")
+    for i, stage in enumerate(stages):
+        if stage.kl_coef and cfg.algorithm.kl_coef == 0:
+            raise ConfigError(
+                f"curriculum.stages.{i}.kl_coef={stage.kl_coef}, but algorithm.kl_coef=0 loads no reference model, "
+                "so there is nothing to take the KL to. Set algorithm.kl_coef > 0 (the default β of stages that "
+                "give none).")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Progressive GRPO curriculum (negative-feedback modelling): stages, each with a data filter, step budget, KL beta.
 
-The recipe asks the schedule, at every step, which stage is active and uses that stage's data filter (by name: the
-dataset side owns the filters) and KL coefficient. The canonical three stages are recent negatives -> all negatives
+The trainer (rl/trainer.py, when the config has `curriculum.stages`) asks the schedule, at every step, which stage
+is active and uses that stage's data filter (by name: the recipe supplies one prompt source per filter) and KL
+coefficient. The canonical three stages are recent negatives -> all negatives
 -> negatives + positives (`negative_feedback_curriculum`). Stage changes are logged by `ProgressiveSchedule.observe`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +117,13 @@ def negative_feedback_curriculum(
     budgets = (recent_negatives_steps, all_negatives_steps, mixed_steps)
     stages = zip(names, budgets, kl_betas, strict=True)
     return ProgressiveSchedule([CurriculumStage(name=n, data_filter=n, num_steps=b, kl_beta=k) for n, b, k in stages])
+
+
+def schedule_from_config(curriculum_cfg: Any, *, default_kl: float) -> ProgressiveSchedule:
+    """The schedule of a `rl.config.CurriculumConfig`: a stage's data filter defaults to its name, its β to
+    `default_kl` (algorithm.kl_coef)."""
+    return ProgressiveSchedule([
+        CurriculumStage(name=s.name, data_filter=s.data_filter or s.name, num_steps=s.num_steps,
+                        kl_beta=default_kl if s.kl_coef is None else s.kl_coef)
+        for s in curriculum_cfg.stages
+    ])

@@ -224,9 +224,15 @@ class Learner:
     # -- update --------------------------------------------------------------------------------------------------
 
     def train(self, batch: TrainBatch, *, loss_denominator: float, num_micro_batches: int,
-              entropy_coef: float) -> dict[str, float]:
-        """One optimiser step on this rank's shard; returns summed loss metrics and averaged diagnostics."""
+              entropy_coef: float, kl_coef: float | None = None) -> dict[str, float]:
+        """One optimiser step on this rank's shard; returns summed loss metrics and averaged diagnostics.
+
+        `kl_coef` overrides algorithm.kl_coef for this step (curriculum stages); None keeps it."""
         start = time.perf_counter()
+        kl_coef = self.algo.kl_coef if kl_coef is None else kl_coef
+        if kl_coef > 0 and self.ref_model is None:
+            raise ValueError(f"kl_coef={kl_coef} for this step, but no reference model was loaded "
+                             "(algorithm.kl_coef=0). Set algorithm.kl_coef > 0.")
         self.engine.module.train()
         parts = []
         for index, micro in enumerate(micro_batches(batch, self.cfg.micro_batch_size, num_micro_batches)):
@@ -237,7 +243,7 @@ class Learner:
             # micro-batch began; without this ZeRO-3 overwrites instead of accumulating earlier micro-batches' grads.
             if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
                 self.engine.optimizer.clear_backward_seen_flag()
-            loss, metrics = self._micro_step(micro, loss_denominator, entropy_coef)
+            loss, metrics = self._micro_step(micro, loss_denominator, entropy_coef, kl_coef)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if float(metrics["rollout/num_loss_tokens"]) > 0:  # padding micro-batches carry no statistics
                 parts.append({key: float(value) for key, value in metrics.items()})
@@ -249,18 +255,18 @@ class Learner:
         totals["timing/train_rank"] = time.perf_counter() - start
         return totals
 
-    def _micro_step(self, micro: TrainBatch, denominator: float, entropy_coef: float):
+    def _micro_step(self, micro: TrainBatch, denominator: float, entropy_coef: float, kl_coef: float):
         logprobs_BT, entropy_BT = self.token_logprobs(self.engine.module, micro)
         mask_BT = micro.loss_mask_BT.to(self.device)
         sampler_BT = micro.old_logprobs_BT.to(self.device)
         ref_BT = None
-        if self.ref_model is not None:
+        if self.ref_model is not None and kl_coef > 0:
             with torch.no_grad():
                 ref_BT = self.token_logprobs(self.ref_model, micro)[0]
         loss, metrics = policy_loss(
             logprobs_BT, logprobs_BT.detach(), micro.advantages_BT.to(self.device), mask_BT,
             loss_denominator=denominator, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
-            dual_clip=self.algo.dual_clip, ref_logprobs_BT=ref_BT, kl_coef=self.algo.kl_coef,
+            dual_clip=self.algo.dual_clip, ref_logprobs_BT=ref_BT, kl_coef=kl_coef,
             kl_estimator=self.algo.kl_estimator, entropy_BT=entropy_BT, entropy_coef=entropy_coef,
             sampler_logprobs_BT=sampler_BT if self.algo.tis_cap else None, tis_cap=self.algo.tis_cap,
             aggregation=self.algo.aggregation,

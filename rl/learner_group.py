@@ -110,8 +110,9 @@ class LearnerGroup:
     def world_size(self) -> int:
         return len(self.actors)
 
-    def train(self, batch: TrainBatch, *, entropy_coef: float) -> dict[str, float]:
-        """One optimiser step over the whole batch; loss metrics are summed over ranks (they share one denominator)."""
+    def train(self, batch: TrainBatch, *, entropy_coef: float, kl_coef: float | None = None) -> dict[str, float]:
+        """One optimiser step over the whole batch; loss metrics are summed over ranks (they share one denominator).
+        `kl_coef` overrides algorithm.kl_coef for this step (None = keep it)."""
         max_len = self.algo.dr_grpo_max_tokens or self.max_completion_length
         denominator = float(loss_denominator(batch.loss_mask_BT, aggregation=self.algo.aggregation,
                                              max_completion_length=max_len))
@@ -119,7 +120,8 @@ class LearnerGroup:
         num_micro = max(1, max(math.ceil((hi - lo) / self.cfg.micro_batch_size) for lo, hi in bounds))
         futures = [
             actor.train.remote(slice_batch(batch, lo, hi) if hi > lo else slice_batch(batch, 0, 1),
-                               loss_denominator=denominator, num_micro_batches=num_micro, entropy_coef=entropy_coef)
+                               loss_denominator=denominator, num_micro_batches=num_micro, entropy_coef=entropy_coef,
+                               kl_coef=kl_coef)
             for actor, (lo, hi) in zip(self.actors, bounds, strict=True)
         ]
         # A rank given no sequences trains on a zero-mask copy (see `micro_batches`); it adds nothing to the loss.

@@ -3,10 +3,12 @@
     prompts ─► RolloutPool.generate ─► RewardService.score ─► advantages (pure) ─► TrainBatch
             ─► LearnerGroup.train ─► WeightSync.push ─► policy_version += 1
 
-A recipe supplies a `PromptSource` (the training prompts in a deterministic order) and optionally an evaluation
-function; everything else — actors, logging (console progress bar, `metrics.jsonl`, TensorBoard, rollout JSONL),
-checkpoints and `resume: auto` — lives here. Same seed and config give the same run, and a resumed run continues
-exactly where the interrupted one stopped (data position, RNG, optimizer state, weights).
+A recipe supplies a `PromptSource` (the training prompts in a deterministic order) — or, with a progressive
+curriculum (`curriculum.stages`, rl/curriculum.py), one source per stage data filter, each stage also setting the
+step's KL β — and optionally an evaluation function; everything else — actors, logging (console progress bar,
+`metrics.jsonl`, TensorBoard, rollout JSONL), checkpoints and `resume: auto` — lives here. Same seed and config
+give the same run, and a resumed run continues exactly where the interrupted one stopped (data position, RNG,
+optimizer state, weights).
 
 Faults (rl/health.py): every `cluster.health_check_every` steps the actors answer a heartbeat before the step starts;
 restarts and re-issued work of rollout workers and reward actors are reported per step as `fault/*` metrics; a step
@@ -21,7 +23,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +37,7 @@ from tqdm import tqdm
 from rl import checkpoint as ckpt
 from rl.advantages import ADVANTAGE_ESTIMATORS
 from rl.config import Config, ConfigError, save_config, to_dict
+from rl.curriculum import ProgressiveSchedule, schedule_from_config
 from rl.health import FaultCounters
 from rl.learner_group import LearnerGroup
 from rl.types import Rollout, Sample, ScoredRollout, TrainBatch
@@ -115,6 +118,25 @@ def rollout_metrics(rollouts: Sequence[Rollout], seconds: float, policy_version:
     }
 
 
+def check_curriculum_prompts(cfg: Config, prompts: PromptSource | Mapping[str, PromptSource]
+                             ) -> ProgressiveSchedule | None:
+    """The curriculum schedule (None without `curriculum.stages`), checked against the prompt sources given."""
+    if not cfg.curriculum.stages:
+        if isinstance(prompts, Mapping):
+            raise ConfigError(f"The recipe gave prompt sources per data filter ({', '.join(prompts)}) but the config "
+                              "has no curriculum.stages to choose among them. Add the stages (see rl/curriculum.py).")
+        return None
+    schedule = schedule_from_config(cfg.curriculum, default_kl=cfg.algorithm.kl_coef)
+    if not isinstance(prompts, Mapping):
+        raise ConfigError("curriculum.stages is set, but this recipe has a single prompt source, so its stages "
+                          "cannot change the data. Remove curriculum.stages, or use a recipe with data filters.")
+    missing = [s.data_filter for s in schedule.stages if s.data_filter not in prompts]
+    if missing:
+        raise ConfigError(f"curriculum data filter(s) {missing} are not offered by this recipe; it offers: "
+                          f"{', '.join(sorted(prompts))}.")
+    return schedule
+
+
 def resolve_model_path(path: str) -> str:
     """"smollm2-135m" → the prepared embedded model; a directory is used as is."""
     from rl import assets
@@ -173,13 +195,16 @@ def init_ray(cfg: Config) -> None:
 class Trainer:
     """Owns the actors and the loop. `fit()` runs (or resumes) the configured number of steps."""
 
-    def __init__(self, cfg: Config, prompts: PromptSource, *, run_dir: Path | None = None,
+    def __init__(self, cfg: Config, prompts: PromptSource | Mapping[str, PromptSource], *,
+                 run_dir: Path | None = None,
                  evaluate: Callable[[Trainer, int], dict[str, float]] | None = None,
                  callbacks: Sequence[Callable[[StepContext], None]] = (),
                  collect: Callable[[Trainer, list[Sample], int, int], list[Rollout]] | None = None) -> None:
         """`collect(trainer, samples, policy_version, seed)` replaces single-turn `pool.generate` (multi-turn
-        recipes run their environment loop there); it must return G rollouts per sample, grouped, in order."""
+        recipes run their environment loop there); it must return G rollouts per sample, grouped, in order.
+        With `curriculum.stages` in the config, `prompts` maps each stage's data filter to its prompt source."""
         self.cfg, self.prompts, self.evaluate_fn, self.callbacks = cfg, prompts, evaluate, list(callbacks)
+        self.schedule = check_curriculum_prompts(cfg, prompts)
         self.collect = collect
         self.run_dir = run_dir or Path(cfg.run.output_dir) / cfg.run.name
         self.model_path = resolve_model_path(cfg.model.path)
@@ -279,7 +304,8 @@ class Trainer:
         heartbeat = {}
         if cfg.cluster.health_check_every and step % cfg.cluster.health_check_every == 0:
             heartbeat = self.heartbeat()
-        samples = draw_prompts(self.prompts, self.state.data_position, cfg.rollout.num_prompts_per_step, cfg.run.seed)
+        source, kl_coef, stage_metrics = self._stage(step)
+        samples = draw_prompts(source, self.state.data_position, cfg.rollout.num_prompts_per_step, cfg.run.seed)
         version = self.state.policy_version
         t0 = time.perf_counter()
         seed = cfg.run.seed * 100_003 + step
@@ -288,10 +314,11 @@ class Trainer:
         else:
             rollouts = self.collect(self, samples, version, seed)
         metrics = rollout_metrics(rollouts, time.perf_counter() - t0, version)
+        metrics.update(stage_metrics)
         report = self.rewards.score(rollouts)
         metrics.update(report.metrics)
         if report.scored:
-            metrics.update(self._learn(report.scored, step))
+            metrics.update(self._learn(report.scored, step, kl_coef))
         else:
             log.warning("step %d: every group was dropped by the reward failure policy; no update", step)
             metrics["train/skipped"] = 1.0
@@ -319,7 +346,15 @@ class Trainer:
                 "health/rollout_ping_s": self.pool.heartbeat(timeout),
                 "health/reward_ping_s": self.rewards.heartbeat(timeout)}
 
-    def _learn(self, scored: Sequence[ScoredRollout], step: int) -> dict[str, float]:
+    def _stage(self, step: int) -> tuple[PromptSource, float | None, dict[str, float]]:
+        """The prompt source, KL β (None = algorithm.kl_coef) and `curriculum/*` metrics of 1-based `step`."""
+        if self.schedule is None:
+            return self.prompts, None, {}  # type: ignore[return-value]
+        active, _ = self.schedule.observe(step - 1)
+        return (self.prompts[active.stage.data_filter], active.stage.kl_beta,
+                {"curriculum/stage": float(active.index), "curriculum/kl_coef": active.stage.kl_beta})
+
+    def _learn(self, scored: Sequence[ScoredRollout], step: int, kl_coef: float | None = None) -> dict[str, float]:
         rewards_N = torch.tensor([s.reward for s in scored], dtype=torch.float32)
         group_of: dict[str, int] = {}
         group_ids_N = torch.tensor([group_of.setdefault(s.rollout.sample.sample_id, len(group_of)) for s in scored])
@@ -327,7 +362,7 @@ class Trainer:
         advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=self.cfg.algorithm.eps)
         batch = build_train_batch(scored, advantages_N)
         t0 = time.perf_counter()
-        metrics = self.learners.train(batch, entropy_coef=self.cfg.algorithm.entropy_coef)
+        metrics = self.learners.train(batch, entropy_coef=self.cfg.algorithm.entropy_coef, kl_coef=kl_coef)
         metrics["timing/train"] = time.perf_counter() - t0
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics["train/num_sequences"] = float(batch.num_sequences)
