@@ -20,9 +20,12 @@ multi-hot vectors (then all cosines lie in [0, 1]).
 Sign: `penalty` is the quantity of the issue — maximal (1 − γ · maxsim(a, P)) for an item identical to a future
 negative — and is reported as a component; the reward's `score` is −penalty so that, like every other reward, higher
 is better and it can enter the weighted-sum combiner with a positive weight. With genre vectors the score lies in
-[−1, γ]. An unparsable completion (rewards/items.py) gets `unparsed_score` (default −1, the score of recommending a
-future negative), `details["parsed"] = False` and component `parsed` = 0. A prompt without future feedback scores
-0 with `details["num_negatives"] == 0` and so on. A user who is not in the log, or missing metadata, is an error.
+[−1, γ]. `direction="predict"` is the other task (recipes/negfeedback_pgrpo): the policy predicts the item the user
+will give negative feedback to, so score = +penalty (in [−γ, 1] with genre vectors) — near a future negative is good,
+near a future positive is bad. An unparsable completion (rewards/items.py) gets `unparsed_score` (default −1, the
+lowest score in either direction), `details["parsed"] = False` and component `parsed` = 0. A prompt without future
+feedback scores 0 with `details["num_negatives"] == 0` and so on. A user who is not in the log, or missing
+metadata, is an error.
 
 FHR@K (Future Hit Rate on negatives, lower is better): 1 if any of the top-K recommended items is in N, else 0;
 `fhr_at_k` for one list, averaged over prompts by the caller.
@@ -32,6 +35,7 @@ Shape legend: U = users, I = items in the log, H = embedding size. Imports neith
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -225,6 +229,7 @@ def negative_feedback_reward(
     item_parser: str = "metadata",
     item_key: str = "candidate_item_id",
     item_pattern: str = ITEM_ID_PATTERN,
+    direction: str = "avoid",
 ) -> list[RewardResult]:
     """−(max sim to future negatives (own, or λ · collaborative) − γ · max sim to future positives); higher = better.
 
@@ -234,7 +239,11 @@ def negative_feedback_reward(
     data_dir: MovieLens directory (default: the prepared data asset).
     unparsed_score: score of a completion with no parsable, known item (default −1, as bad as a future negative).
     item_parser / item_key / item_pattern: where the item comes from (rewards/items.py).
+    direction: "avoid" (a recommender that should stay away from future negatives: score = −penalty) or "predict"
+        (a model that predicts the next negative feedback: score = +penalty).
     """
+    if direction not in ("avoid", "predict"):
+        raise ValueError(f"direction={direction!r} must be 'avoid' (score = −penalty) or 'predict' (score = +penalty).")
     if item_parser not in ITEM_PARSERS:
         raise ValueError(f"item_parser={item_parser!r} is not one of {ITEM_PARSERS}.")
     if days <= 0 or gamma < 0 or collab_weight < 0 or num_neighbours < 0:
@@ -257,6 +266,9 @@ def negative_feedback_reward(
             continue
         if (user_id, t0) not in sets_cache:
             sets_cache[(user_id, t0)] = log.feedback(user_id, t0, days=days, num_neighbours=num_neighbours)
-        out.append(score_item(space, found.item_id, sets_cache[(user_id, t0)], collab_weight=collab_weight,
-                              gamma=gamma))
+        result = score_item(space, found.item_id, sets_cache[(user_id, t0)], collab_weight=collab_weight,
+                            gamma=gamma)
+        if direction == "predict":
+            result = dataclasses.replace(result, score=result.components["penalty"])
+        out.append(result)
     return out

@@ -143,3 +143,17 @@ def test_registered_reward_unparsable_and_errors(movielens_dir):
                                  data_dir=movielens_dir)
     with pytest.raises(ValueError, match="days > 0"):
         negative_feedback_reward([], data_dir=movielens_dir, days=0)
+
+
+def test_predict_direction_flips_the_score(movielens_dir):
+    group = [rollout("u1", 0, user_id=1, timestamp=T0, candidate_item_id=10),
+             rollout("u1", 1, user_id=1, timestamp=T0, candidate_item_id=11)]
+    results = negative_feedback_reward(group, data_dir=movielens_dir, direction="predict")
+    # predicting the future negative itself is best (+1); the future positive gets −γ = −0.5
+    assert results[0].score == pytest.approx(1.0) and results[1].score == pytest.approx(-0.5)
+    assert results[0].components["penalty"] == pytest.approx(1.0)
+    bad = negative_feedback_reward([rollout("u1", 0, "?", user_id=1, timestamp=T0)], data_dir=movielens_dir,
+                                   item_parser="item_id", direction="predict")
+    assert bad[0].score == -1.0  # below every parsable answer in both directions
+    with pytest.raises(ValueError, match="direction='up'"):
+        negative_feedback_reward([], data_dir=movielens_dir, direction="up")
