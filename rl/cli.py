@@ -4,6 +4,8 @@
     recforge run <recipe> --config debug [k=v ...]  run a recipe locally (everything colocated)
     recforge reward {list,test,new} ...             develop and try reward plugins
     recforge submit <recipe> --config ... [k=v ...] submit a recipe to a Ray cluster (`ray job submit`)
+    recforge eval <recipe> --checkpoint DIR [--config ...] [k=v ...]
+                                                    evaluate a checkpoint (HR@K, NDCG@K, ...): table + JSON
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help=f"One of: {recipes}.")
     run.add_argument("--config", default="debug", help="Config name under recipes/<recipe>/ or a YAML path.")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rollout.temperature=0.8")
+    ev = sub.add_parser("eval", help="Evaluate a checkpoint with the recipe's metrics (table and JSON).",
+                        epilog=f"Recipes: {recipes}.")
+    ev.add_argument("recipe", help=f"One of: {recipes}.")
+    ev.add_argument("--checkpoint", default=None,
+                    help="A checkpoint directory (runs/<name>/checkpoints/step_NNNNNN) or a run directory (its latest "
+                         "checkpoint). Omit to evaluate the config's base model.")
+    ev.add_argument("--config", default=None,
+                    help="Config name under recipes/<recipe>/ or a YAML path (default: the checkpoint's own config, "
+                         "else debug).")
+    ev.add_argument("--output", default=None,
+                    help="Where to write the JSON report (default: <checkpoint>/eval.json, else "
+                         "runs/eval-<recipe>.json).")
+    ev.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.num_eval_users=32")
     sub.add_parser("reward", help="Reward plugins: list, test on saved rollouts, new skeleton.", add_help=False)
     sub.add_parser("submit", help="Submit a recipe to a Ray cluster with `ray job submit`.", add_help=False)
     return parser
@@ -61,6 +76,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rl.config import ConfigError, load_config, resolve_config_path
+    from rl.evaluation import print_table, resolve_checkpoint, run_eval, write_report
+
+    if args.recipe not in available_recipes():
+        print(f"error: unknown recipe '{args.recipe}'. Known: {', '.join(available_recipes())}.", file=sys.stderr)
+        return 2
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+        if args.config is not None:
+            source = resolve_config_path(args.recipe, args.config)
+        elif checkpoint is not None:
+            source = checkpoint / "config.yaml"
+        else:
+            source = resolve_config_path(args.recipe, "debug")
+        cfg = load_config(source, args.overrides)
+        metrics = run_eval(args.recipe, cfg, checkpoint)
+    except ConfigError as err:
+        print(f"ConfigError: {err}", file=sys.stderr)
+        return 2
+    output = Path(args.output) if args.output else (
+        checkpoint / "eval.json" if checkpoint is not None else Path(cfg.run.output_dir) / f"eval-{args.recipe}.json")
+    write_report(metrics, output, recipe=args.recipe, checkpoint=checkpoint)
+    print_table(metrics, title=f"{args.recipe}: {checkpoint or cfg.model.path}")
+    print(f"report: {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     # `key=value` leftovers here and reject anything else.
     args, extra = parser.parse_known_args(argv)
     bad = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if bad or (extra and args.command != "run"):
+    if bad or (extra and args.command not in ("run", "eval")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
-    if args.command == "run":
+    if args.command in ("run", "eval"):
         args.overrides = [*args.overrides, *extra]
     if args.command == "prepare":
         from rl.assets import prepare
@@ -88,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in prepare(args.what).items():
             print(f"{name}: {path}")
         return 0
+    if args.command == "eval":
+        return _eval(args)
     return _run(args)
 
 

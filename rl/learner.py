@@ -326,3 +326,26 @@ class Learner:
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def export_checkpoint_weights(checkpoint_dir: str, tag: str, out_dir: str) -> dict[str, float]:
+    """Consolidate a learner checkpoint (`{checkpoint_dir}/{tag}`, ZeRO-2 or ZeRO-3, any number of ranks) into
+    `{out_dir}/model.safetensors`, HF-named fp32 weights that a rollout worker's `reload_weights` reads
+    (`recforge eval`). Runs in the calling process, without an engine: DeepSpeed's zero_to_fp32 reads the fp32
+    master weights from the optimizer shards. A tied `lm_head.weight` is left out, as `Learner.export_weights` does."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    if not (Path(checkpoint_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir} has no learner state '{tag}/' (is it a RecForge checkpoint, "
+                                "runs/<name>/checkpoints/step_NNNNNN?).")
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    embed = state.get("model.embed_tokens.weight")
+    if embed is not None and "lm_head.weight" in state and torch.equal(state["lm_head.weight"], embed):
+        del state["lm_head.weight"]
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return {"weights/bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
+            "weights/num_tensors": float(len(state))}

@@ -4,7 +4,8 @@ For a user, the prompt lists the history (titles, years, genres, ratings, oldest
 model reasons briefly and ends with `Rating: N`. Rewards (debug.yaml): `format` (a parsable rating line) and
 `ranking` in `rating` mode (1 − |predicted − held-out rating| / 4). Groups of G samples per (user, item) give
 GRPO advantages. Evaluation: per held-out user, the last interaction is ranked among sampled unseen movies by the
-greedy predicted rating: AUC and NDCG@10.
+greedy predicted rating: AUC, NDCG@10, and HR@K / NDCG@K for K in data.eval_k. The same evaluation runs on a saved
+checkpoint with `recforge eval rec_reasoning --checkpoint runs/<name>/checkpoints/step_NNNNNN` (`build_evaluate`).
 
 Local (CPU or one GPU, everything colocated):
     recforge run rec_reasoning --config debug [run.num_steps=30 ...]
@@ -69,6 +70,7 @@ def ndcg_at_k(scores: list[float], labels: list[int], k: int = 10, *, seed: int 
 
 def make_evaluate(task, cfg: Config):
     from rewards.rules import parse_final_answer
+    from rl.evaluation import hit_at_k, rank_candidates
 
     # Parse answers the way the training reward does (debug configs relax the answer grammar).
     pattern = next((spec.kwargs["pattern"] for spec in cfg.reward.rewards if "pattern" in spec.kwargs), None)
@@ -88,10 +90,13 @@ def make_evaluate(task, cfg: Config):
             labels.append(int(rollout.sample.metadata["rating"] > 0))  # the held-out interaction is the positive
         aucs = [auc(s, y) for s, y in by_user.values()]
         ndcgs = [ndcg_at_k(s, y, 10, seed=user) for user, (s, y) in by_user.items()]
-        return {
-            "eval/auc": _nanmean(aucs), "eval/ndcg@10": _nanmean(ndcgs),
-            "eval/parsed_frac": parsed / max(len(rollouts), 1),
-        }
+        out = {"eval/auc": _nanmean(aucs), "eval/ndcg@10": _nanmean(ndcgs),
+               "eval/parsed_frac": parsed / max(len(rollouts), 1)}
+        orders = {user: rank_candidates(s, seed=user) for user, (s, _) in by_user.items()}
+        for k in cfg.data.eval_k:
+            out[f"eval/hr@{k}"] = _nanmean([hit_at_k(orders[u], y, k) for u, (_, y) in by_user.items()])
+            out[f"eval/ndcg@{k}"] = _nanmean([ndcg_at_k(s, y, k, seed=u) for u, (s, y) in by_user.items()])
+        return out
 
     return evaluate
 
@@ -113,6 +118,11 @@ def build_task(cfg: Config, model_path: str):
     render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     data = RecData.load_movielens(assets.require("data"))
     return RecReasoningTask(data, render, history_len=cfg.data.history_len, max_train_users=cfg.data.max_train_users)
+
+
+def build_evaluate(cfg: Config, model_path: str):
+    """The recipe's evaluation (rl/evaluation.py protocol): `recforge eval rec_reasoning --checkpoint ...`."""
+    return make_evaluate(build_task(cfg, model_path), cfg)
 
 
 def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
