@@ -41,7 +41,7 @@ from rl.types import RewardResult, Rollout
 
 ENTRY_POINT_GROUP = "recforge.rewards"
 BUILTIN_MODULES: tuple[str, ...] = ("rewards.rules", "rewards.ecpm", "rewards.negative_feedback", "rewards.gui",
-                                     "rewards.semantic_judge", "rewards.agent_judge")
+                                     "rewards.semantic_judge", "rewards.agent_judge", "rewards.tags")
 """Modules whose `@reward`s are built in. They are imported on first resolution, so they must stay cheap to import
 (no ray, vllm, deepspeed or model loading at import time). One that fails to import is reported by
 `recforge reward list` and in unknown-name errors; the others still work."""
