@@ -220,8 +220,16 @@ class ClusterConfig:
     """Ray address; None starts a local Ray instance (debug runs), "auto" joins the cluster of `ray job submit`."""
     colocate: bool = True
     """Put rollout, learner and reward actors on the same device (single-GPU or CPU debug)."""
-    weight_sync: Literal["path", "nccl"] = "path"
-    """Weight transport learner → rollout workers."""
+    weight_sync: Literal["path", "broadcast", "nccl"] = "path"
+    """Weight transport learner → rollout workers: "path" (safetensors in a RAM-backed dir + vLLM reload),
+    "broadcast" (bucketed broadcast over a process group of learner rank 0 and the vLLM workers, backend from
+    `weight_sync_backend`), "nccl" (= "broadcast" with the NCCL backend). See rl/weight_sync.py."""
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Backend of the "broadcast" transport's group: auto = NCCL when the learner has a GPU, gloo on CPU."""
+    weight_sync_bucket_mb: float = field(default=256.0, metadata=_range(0.0, lo_open=True))
+    """Largest bucket of the "broadcast" transport in MiB (one broadcast each; a bigger tensor goes alone)."""
+    weight_sync_timeout_s: float = field(default=300.0, metadata=_range(0.0, lo_open=True))
+    """Deadline of the "broadcast" transport's rendezvous and of each broadcast (a dead member fails it then)."""
     sync_dir: str | None = None
     """Directory for the "path" transport (default: /dev/shm when it exists, else the system temp dir)."""
     num_cpus: int | None = None
@@ -457,10 +465,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("reward.rewards is empty: a run needs at least one reward. Add e.g. `- name: format`.")
     if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1.0:
         raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (or null to turn it off).")
-    if cfg.cluster.weight_sync == "nccl" and cfg.cluster.colocate:
+    nccl_broadcast = cfg.cluster.weight_sync == "nccl" or (cfg.cluster.weight_sync == "broadcast"
+                                                           and cfg.cluster.weight_sync_backend == "nccl")
+    if nccl_broadcast and cfg.cluster.colocate:
         raise ConfigError(
-            "cluster.weight_sync='nccl' broadcasts between separate devices, but cluster.colocate=true shares one. "
-            "Use cluster.weight_sync=path when colocated."
+            f"cluster.weight_sync='{cfg.cluster.weight_sync}' broadcasts over NCCL between separate devices, but "
+            "cluster.colocate=true shares one. Use cluster.weight_sync=path when colocated (or "
+            "weight_sync=broadcast with weight_sync_backend=gloo on CPU)."
         )
     bad_k = [k for k in cfg.data.eval_k if k < 1]
     if bad_k or not cfg.data.eval_k:

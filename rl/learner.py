@@ -29,13 +29,13 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.kernels import IGNORE_INDEX, fused_logprob_entropy
 from rl.losses import policy_loss
 from rl.types import TrainBatch
+from rl.weight_sync import WeightGroup, send_weights, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Learner:
             torch.set_num_threads(num_threads)
         self.engine = None
         self.ref_model = None
+        self.weight_group = None  # the broadcast transport's group (rank 0 only)
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -282,28 +283,73 @@ class Learner:
 
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
+    def _exported_tensors(self, module: torch.nn.Module, *, tie_lm_head: bool) -> list[tuple[str, torch.Tensor]]:
+        """HF-named tensors of the (gathered) module, read in place. A tied `lm_head.weight` is left out, or listed
+        as a second name of the embedding when `tie_lm_head` (vLLM's reload of a tied model needs it)."""
+        tied = getattr(module.config, "tie_word_embeddings", False)
+        named = [(name, tensor.detach()) for name, tensor in module.state_dict().items()
+                 if not (tied and name == "lm_head.weight")]
+        if tied and tie_lm_head:
+            named.append(("lm_head.weight", module.get_input_embeddings().weight.detach()))
+        return named
+
+    def _gathered(self, module: torch.nn.Module):
+        """Every parameter whole while inside (collective under ZeRO-3: every rank enters it)."""
+        if self.cfg.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
     def export_weights(self, directory: str) -> dict[str, float]:
-        """Write HF-named safetensors for vLLM's `reload_weights` (rank 0 writes; collective under ZeRO-3)."""
+        """Write HF-named safetensors for vLLM's `reload_weights` (rank 0 writes; collective under ZeRO-3).
+
+        The bytes go from the parameters to the file once (`write_safetensors`); a tied lm_head is written as its own
+        entry so the rollout worker reloads without staging a copy."""
         module = self.engine.module
-        params = list(module.parameters())
-        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3
-               else contextlib.nullcontext())
         num_bytes = 0
-        with ctx:
+        with self._gathered(module):
             if self.rank == 0:
-                state = {}
-                tied = getattr(module.config, "tie_word_embeddings", False)
-                for name, tensor in module.state_dict().items():
-                    if tied and name == "lm_head.weight":
-                        continue  # tied to embed_tokens; safetensors refuses shared storage
-                    state[name] = tensor.detach().to("cpu").contiguous().clone()
-                    num_bytes += state[name].numel() * state[name].element_size()
                 path = Path(directory)
                 path.mkdir(parents=True, exist_ok=True)
-                tmp = path / ".model.safetensors.tmp"
-                save_file(state, str(tmp), metadata={"format": "pt"})
-                os.replace(tmp, path / "model.safetensors")
+                num_bytes = write_safetensors(path / "model.safetensors",
+                                              self._exported_tensors(module, tie_lm_head=True))
         return {"weight_sync/bytes": float(num_bytes)}
+
+    # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync) -----------------------------------------------
+
+    def weight_group_address(self) -> tuple[str, int, str]:
+        """Rank 0's IP, a free port for the weight group's rendezvous, and its device type ("cuda" or "cpu")."""
+        host, port = self.address()
+        return host, port, self.device.type
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Rank 0 joins the weight group as its source (rank 0 of it); other ranks do nothing."""
+        self.leave_weight_group()
+        if self.rank == 0:
+            self.weight_group = WeightGroup(host=host, port=port, rank=0, world_size=world_size, backend=backend,
+                                            timeout_s=timeout_s, device=self.device)
+
+    def broadcast_weights(self, policy_version: int, bucket_bytes: int) -> dict[str, float]:
+        """Send the weights to the weight group (collective over the learner ranks under ZeRO-3: all call it)."""
+        module = self.engine.module
+        num_bytes = 0
+        with self._gathered(module):
+            if self.rank == 0:
+                if getattr(self, "weight_group", None) is None:
+                    raise RuntimeError("broadcast_weights before join_weight_group: the weight group is not set up.")
+                try:
+                    plan = send_weights(self.weight_group, self._exported_tensors(module, tie_lm_head=False),
+                                        policy_version=policy_version, bucket_bytes=bucket_bytes)
+                except BaseException:
+                    self.leave_weight_group()  # closes the connections: receivers fail instead of hanging
+                    raise
+                num_bytes = plan.num_bytes
+        return {"weight_sync/bytes": float(num_bytes)}
+
+    def leave_weight_group(self) -> None:
+        group = getattr(self, "weight_group", None)
+        self.weight_group = None
+        if group is not None:
+            group.close()
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, scheduler) of every rank under `directory/tag`."""

@@ -139,6 +139,23 @@ class LearnerGroup:
     def export_weights(self, directory: str) -> dict[str, float]:
         return self._gather(self._all(lambda a: a.export_weights.remote(directory)), "weight export")[0]
 
+    def weight_group_address(self) -> tuple[str, int, str]:
+        """Rank 0's address, a free port and device type for the broadcast transport's weight group."""
+        return tuple(self._gather({0: self.actors[0].weight_group_address.remote()}, "weight group address")[0])
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Rank 0 joins the weight group (blocks until every vLLM worker has joined too)."""
+        self._gather({0: self.actors[0].join_weight_group.remote(host, port, world_size, backend, timeout_s)},
+                     "weight group join")
+
+    def broadcast_weights(self, policy_version: int, bucket_bytes: int) -> dict[str, float]:
+        """Every rank enters (ZeRO-3 gathers collectively); rank 0 broadcasts to the weight group."""
+        call = lambda a: a.broadcast_weights.remote(policy_version, bucket_bytes)  # noqa: E731
+        return self._gather(self._all(call), "weight broadcast")[0]
+
+    def leave_weight_group(self) -> None:
+        self._gather({0: self.actors[0].leave_weight_group.remote()}, "weight group leave")
+
     def save_checkpoint(self, directory: str, tag: str) -> None:
         self._gather(self._all(lambda a: a.save_checkpoint.remote(directory, tag)), "checkpoint save")
 

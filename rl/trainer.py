@@ -208,7 +208,7 @@ class Trainer:
         self.collect = collect
         self.run_dir = run_dir or Path(cfg.run.output_dir) / cfg.run.name
         self.model_path = resolve_model_path(cfg.model.path)
-        self.sync = make_weight_sync(cfg.cluster.weight_sync, cfg.cluster.sync_dir)
+        self.sync = make_weight_sync(cfg.cluster)
         self.pool = self.learners = self.rewards = None
         self.state = ckpt.TrainerState(step=0, policy_version=0, data_position=0, rng=ckpt.capture_rng())
         self.faults = FaultCounters()

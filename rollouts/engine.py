@@ -140,6 +140,8 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",  # log-probs after temperature/top-p: see the module docstring
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=enforce_eager,
+            # The broadcast weight sync's receiving side, added to vLLM's worker (rollouts/weight_receiver.py).
+            worker_extension_cls="rollouts.weight_receiver.WeightReceiverExtension",
             **engine_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -344,6 +346,42 @@ class RolloutWorker:
                 "them, so one of the two is needed."
             )
         return stage_tied_lm_head(path, files, where["model.embed_tokens.weight"])
+
+    # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync; worker side: rollouts/weight_receiver.py) -----
+
+    def num_weight_ranks(self) -> int:
+        """vLLM worker processes of this engine: each joins the weight group as a rank of its own."""
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        return int(parallel.world_size)
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                          timeout_s: float) -> list[int]:
+        """Every vLLM worker of this engine joins the weight group (ranks `rank_offset + worker rank`); blocks until
+        all members joined. Returns the ranks taken."""
+        return self.llm.collective_rpc("recforge_join_weight_group", kwargs={
+            "host": host, "port": port, "rank_offset": rank_offset, "world_size": world_size, "backend": backend,
+            "timeout_s": timeout_s})
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("recforge_leave_weight_group")
+
+    def receive_weights(self, policy_version: int) -> dict[str, float]:
+        """Receive one broadcast push into every vLLM worker (in-place reload) and record `policy_version`, which
+        must equal the version the learner sent."""
+        if self._sleeping:
+            raise RolloutRequestError("receive_weights() on a sleeping worker: call wake_up() first.")
+        start = time.perf_counter()
+        results = self.llm.collective_rpc("recforge_receive_weights",
+                                          kwargs={"tied_embeddings": self.tied_embeddings})
+        sent = {int(result["policy_version"]) for result in results}
+        if sent != {policy_version}:
+            raise RolloutRequestError(f"receive_weights(policy_version={policy_version}) but the learner sent "
+                                      f"version(s) {sorted(sent)}: the weight group is out of step.")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._policy_version = policy_version
+        seconds = time.perf_counter() - start
+        log.info("Received weights v%d by broadcast in %.2f s.", policy_version, seconds)
+        return {"timing/weight_sync_reload": seconds, "weight_sync/received_bytes": float(results[0]["bytes"])}
 
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory while a colocated learner trains (level 1: offload weights, drop KV cache)."""

@@ -110,7 +110,9 @@ class RolloutPool:
         ]
         self._failures = [0] * num_workers
         self._reissued = 0
-        self._synced: tuple[str, int] | None = None
+        self._synced: tuple[str | None, int] | None = None  # (weights dir, or None after a broadcast; version)
+        self._restart_weights: Callable[[int], str] | None = None
+        self._num_weight_ranks: list[int] | None = None
         self._closed = False
         ray.get([actor.health.remote() for actor in self._actors])  # engine build errors surface here
         log.info("RolloutPool: %d worker(s) ready for %s.", num_workers, model_path)
@@ -218,6 +220,52 @@ class RolloutPool:
         self._run_all({worker: reload for worker in range(self.num_workers)})
         return {"timing/weight_sync_reload": time.perf_counter() - start}
 
+    # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync) --------------------------------------------------
+
+    @property
+    def num_weight_ranks(self) -> int:
+        """Members this pool adds to the weight group: every vLLM worker process of every engine."""
+        if self._num_weight_ranks is None:
+            ranks = self._run_all({w: lambda actor: actor.num_weight_ranks.remote() for w in range(self.num_workers)})
+            self._num_weight_ranks = [int(ranks[w]) for w in range(self.num_workers)]
+        return sum(self._num_weight_ranks)
+
+    def set_restart_weights(self, export: Callable[[int], str]) -> None:
+        """`export(version)` → a weights directory: how a restarted worker gets the weights of a broadcast version
+        (it has left the weight group; the path transport gives it the weights once, the next push rejoins it)."""
+        self._restart_weights = export
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Every worker joins the weight group (learner rank 0 is rank 0; the workers follow in order). A worker that
+        dies meanwhile fails the call (the group cannot form without it); it is recovered at the next call."""
+        num_ranks = self.num_weight_ranks
+        assert self._num_weight_ranks is not None and world_size == 1 + num_ranks
+        offsets = [1 + sum(self._num_weight_ranks[:w]) for w in range(self.num_workers)]
+
+        def join(offset: int) -> ActorCall:
+            return lambda actor: actor.join_weight_group.remote(host, port, offset, world_size, backend, timeout_s)
+
+        self._run_all({w: join(offsets[w]) for w in range(self.num_workers)}, recover=False)
+
+    def receive_weights(self, policy_version: int) -> dict[str, float]:
+        """Every worker receives the broadcast the learner is sending and reloads in place; remembered for restarts
+        (a restarted worker gets this version through `set_restart_weights`' export)."""
+        start = time.perf_counter()
+        receive: ActorCall = lambda actor: actor.receive_weights.remote(policy_version)
+        results = self._run_all({w: receive for w in range(self.num_workers)}, recover=False)
+        self._synced = (None, policy_version)
+        return {"timing/weight_sync_reload": time.perf_counter() - start,
+                "weight_sync/received_bytes": sum(r["weight_sync/received_bytes"] for r in results.values())}
+
+    def leave_weight_group(self) -> None:
+        """Every live worker leaves the weight group (errors of dead workers are ignored: they have left)."""
+        refs = [actor.leave_weight_group.remote() for actor in self._actors]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=60)
+            except Exception as err:  # noqa: BLE001 — a dead or restarting worker is in no group
+                log.debug("leave_weight_group: %s", err)
+
     def greedy(self, prompt_token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Worker 0's greedy continuation (for parity checks against the learner)."""
         ids = list(prompt_token_ids)
@@ -248,12 +296,25 @@ class RolloutPool:
 
     # -- calls with recovery ----------------------------------------------------------------------------------------
 
-    def _run_all(self, calls: dict[int, ActorCall]) -> dict[int, Any]:
-        """Issue every worker's call at once, then gather; a worker that died is recovered and its call re-issued."""
+    def _run_all(self, calls: dict[int, ActorCall], *, recover: bool = True) -> dict[int, Any]:
+        """Issue every worker's call at once, then gather; a worker that died is recovered and its call re-issued.
+
+        `recover=False` (collectives of the weight group): every call is awaited, then the first error is raised;
+        nothing is re-issued and a dead worker is recovered at the next call (its peers were blocked with it)."""
         if self._closed:
             raise RuntimeError("RolloutPool is shut down.")
         refs = {worker: call(self._actors[worker]) for worker, call in calls.items()}
         results: dict[int, Any] = {}
+        if not recover:
+            errors = []
+            for worker, ref in refs.items():
+                try:
+                    results[worker] = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 — gathered, then the first one is raised
+                    errors.append(err)
+            if errors:
+                raise errors[0]
+            return results
         for worker, ref in refs.items():
             while True:
                 try:
@@ -282,7 +343,13 @@ class RolloutPool:
             try:
                 health = self._wait_alive(worker)
                 if self._synced is not None:
-                    ray.get(self._actors[worker].reload_weights.remote(*self._synced))
+                    weights_dir, version = self._synced
+                    if weights_dir is None:  # the last sync was a broadcast: this worker gets it by path once
+                        if self._restart_weights is None:
+                            raise RuntimeError("A rollout worker restarted after a broadcast sync, but no "
+                                               "set_restart_weights export was given to give it the weights.")
+                        weights_dir = self._restart_weights(version)
+                    ray.get(self._actors[worker].reload_weights.remote(weights_dir, version))
                 log.warning("Rollout worker %d is back (pid %s, weights v%d re-applied).", worker, health["pid"],
                             self.policy_version)
                 return
