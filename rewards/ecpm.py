@@ -51,6 +51,7 @@ from rewards.items import (
     UserInfo,
     generated_item,
     metadata_value,
+    sid_index_for,
     title_index,
 )
 from rl import assets
@@ -400,6 +401,7 @@ def ecpm_reward(
     item_parser: str = "metadata",
     item_key: str = "candidate_item_id",
     item_pattern: str = ITEM_ID_PATTERN,
+    sid_index: str | None = None,
     normalize: str = "minmax",
 ) -> list[RewardResult]:
     """eCPM = 1000 · bid · pCTR (· pCVR) of the recommended item, normalised per request group (default min-max).
@@ -408,7 +410,8 @@ def ecpm_reward(
     bids: item → bid table (CSV/JSON); None = the SYNTHETIC demo bids of `synthetic_bid`.
     pcvr: item → pCVR table (CSV/JSON); None = no conversion factor.
     missing_bid: bid for items absent from the `bids` table (None = such an item is an error).
-    item_parser / item_key / item_pattern: where the item comes from (rewards/items.py).
+    item_parser / item_key / item_pattern / sid_index: where the item comes from (rewards/items.py; sid_index is the
+    index JSON of item_parser "sid").
     normalize: "minmax", "zscore" or "none" within each group of the same sample_id.
     """
     if item_parser not in ITEM_PARSERS:
@@ -419,9 +422,10 @@ def ecpm_reward(
     bid_table = _table(str(Path(bids).expanduser().resolve()), "bid") if bids else None
     pcvr_table = _table(str(Path(pcvr).expanduser().resolve()), "pcvr") if pcvr else None
     titles = title_index(art.vocab.items) if item_parser == "title" else None
+    sids = sid_index_for(item_parser, sid_index)
     users = [metadata_value(r, "user_id", int) for r in rollouts]
     found = [generated_item(r, parser=item_parser, catalogue=art.vocab.items, item_key=item_key,
-                            pattern=item_pattern, titles=titles) for r in rollouts]
+                            pattern=item_pattern, titles=titles, sid_index=sids) for r in rollouts]
     parsed = [i for i, g in enumerate(found) if g.item_id is not None]
     pctrs = dict(zip(parsed, art.pctr([users[i] for i in parsed], [found[i].item_id for i in parsed]), strict=True))
     raw, parts = [0.0] * len(rollouts), [{} for _ in rollouts]

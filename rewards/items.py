@@ -11,6 +11,9 @@ rollout. Where it comes from is chosen by the reward's `item_parser` kwarg:
 - "title": the text after the last `Recommendation:` in the completion, up to the end of that line, looked up as a
   catalogue title (case-insensitive; "The Usual Suspects" and MovieLens' "Usual Suspects, The" both match; a
   trailing "(1995)" picks among equal titles by year, else the smallest item id wins).
+- "sid": the completion is one semantic ID ("<a_12><b_7><c_3>", whitespace ignored), looked up in the index JSON
+  given as the reward's `sid_index` kwarg (rollouts/sid.py); no SID, an unknown or unfinished one, or several SIDs
+  are unparsable. With trie-constrained decoding (rollouts/engine.py) every completion parses.
 
 An unparsable completion, or an id/title not in the catalogue, is the reward's verdict on the policy's output, not an
 error: `GeneratedItem.item_id is None` with the reason, and each reward reports it as `details["parsed"] = False` plus
@@ -21,17 +24,22 @@ This module imports neither ray, vllm nor deepspeed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from rl.types import Rollout
 
-ItemParser = Literal["metadata", "item_id", "title"]
-ITEM_PARSERS: tuple[str, ...] = ("metadata", "item_id", "title")
+if TYPE_CHECKING:
+    from rollouts.sid import SIDIndex
+
+ItemParser = Literal["metadata", "item_id", "title", "sid"]
+ITEM_PARSERS: tuple[str, ...] = ("metadata", "item_id", "title", "sid")
 
 MOVIELENS_GENRES: tuple[str, ...] = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -143,6 +151,38 @@ def parse_item_title(text: str, index: Mapping[str, Sequence[tuple[int, str]]]) 
     return (same_year or [found[0][0]])[0], raw
 
 
+def sid_index_for(parser: str, path: str | None) -> SIDIndex | None:
+    """The index the "sid" parser needs (loaded once per process and file version); None for other parsers."""
+    if parser != "sid":
+        return None
+    if path is None:
+        raise ValueError("item_parser='sid' needs kwargs.sid_index: the path of the item → semantic-ID index JSON "
+                         "({item_id: [\"<a_12>\", \"<b_7>\", ...]}) the policy generates from.")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"sid_index={path}: no such index file.")
+    return _load_sid_index(str(resolved), resolved.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sid_index(path: str, mtime_ns: int) -> SIDIndex:
+    from rollouts.sid import SIDIndex
+
+    return SIDIndex.load(path)
+
+
+def _sid_item(rollout: Rollout, index: SIDIndex | None) -> GeneratedItem:
+    if index is None:
+        raise ValueError("the 'sid' item parser needs a semantic-ID index (rewards.items.sid_index_for)")
+    found = index.parse(rollout.text)
+    if not found:
+        return GeneratedItem(item_id=None, reason="no semantic ID in the completion")
+    if len(found) > 1 or found[0] is None:
+        return GeneratedItem(item_id=None, reason=f"expected exactly one valid semantic ID, read {found}",
+                             raw=rollout.text[:80])
+    return GeneratedItem(item_id=found[0], raw=index.sid_text(found[0]))
+
+
 def generated_item(
     rollout: Rollout,
     *,
@@ -151,8 +191,14 @@ def generated_item(
     item_key: str = "candidate_item_id",
     pattern: str = ITEM_ID_PATTERN,
     titles: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+    sid_index: SIDIndex | None = None,
 ) -> GeneratedItem:
     """The item `rollout` recommends, read as `parser` says (see the module doc); ids outside `catalogue` → None."""
+    if parser == "sid":
+        found = _sid_item(rollout, sid_index)
+        if found.item_id is not None and found.item_id not in catalogue:
+            return GeneratedItem(item_id=None, reason=f"item {found.item_id!r} is not in the catalogue", raw=found.raw)
+        return found
     if parser == "metadata":
         item_id = metadata_value(rollout, item_key, int)
         if item_id not in catalogue:

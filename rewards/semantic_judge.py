@@ -54,7 +54,7 @@ from typing import Any
 
 from rewards.aggregator import ASPECTS, AspectAggregator, HistoryItem, aspect_scores_from_levels, load_aggregator
 from rewards.api import reward
-from rewards.items import ITEM_ID_PATTERN, ITEM_PARSERS, generated_item, metadata_value, title_index
+from rewards.items import ITEM_ID_PATTERN, ITEM_PARSERS, generated_item, metadata_value, sid_index_for, title_index
 from rewards.judge import (
     ON_UNPARSABLE,
     Answer,
@@ -185,6 +185,8 @@ class SemanticOptions:
     item_parser: str = "metadata"
     item_key: str = "item_id"
     item_pattern: str = ITEM_ID_PATTERN
+    sid_index: str | None = None
+    """Index JSON of item_parser "sid" (the completion is a semantic ID)."""
     engine_id: str = ""
     """Identifies the judge model in cache keys."""
 
@@ -233,7 +235,8 @@ def _case(i: int, r: Rollout, opts: SemanticOptions, catalogue: Catalogue) -> _C
         items = catalogue()
         titles = title_index(items) if opts.item_parser == "title" else None
         found = generated_item(r, parser=opts.item_parser, catalogue=items, item_key=opts.item_key,
-                               pattern=opts.item_pattern, titles=titles)
+                               pattern=opts.item_pattern, titles=titles,
+                               sid_index=sid_index_for(opts.item_parser, opts.sid_index))
         if found.item_id is None:
             return RewardResult(score=opts.unparsed_score, components={"judged": 1.0, "parsed": 0.0},
                                 details={"judged": True, "parsed": False, "reason": found.reason, "raw": found.raw})
@@ -352,6 +355,7 @@ def semantic_judge(
     item_parser: str = "metadata",
     item_key: str = "item_id",
     item_pattern: str = ITEM_ID_PATTERN,
+    sid_index: str | None = None,
     data_dir: str | None = None,
     cache_size: int = 100_000,
     model: str | None = None,
@@ -370,7 +374,8 @@ def semantic_judge(
     on_unparsable: "error" (fail naming the rollout) or "report" (judged=False, judge_parsed=False).
     unjudged_score / unparsed_score: score without a verdict / for a completion naming no known item.
     max_history: history lines shown to the judge. max_new_tokens: answer budget.
-    item_parser / item_key / item_pattern / data_dir: which item is judged (rewards/items.py; MovieLens catalogue).
+    item_parser / item_key / item_pattern / sid_index / data_dir: which item is judged (rewards/items.py; MovieLens
+    catalogue; sid_index is the index JSON of item_parser "sid").
     cache_size: verdicts kept per process. model ... enforce_eager: the judge engine (rewards/judge.py).
     """
     spec = engine_spec(model=model, device=device, dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
@@ -379,7 +384,7 @@ def semantic_judge(
         num_levels=num_levels, sample_fraction=sample_fraction, seed=seed, structured=structured, retries=retries,
         on_unparsable=on_unparsable, unjudged_score=unjudged_score, unparsed_score=unparsed_score,
         max_history=max_history, max_new_tokens=max_new_tokens, item_parser=item_parser, item_key=item_key,
-        item_pattern=item_pattern, engine_id=spec.model)
+        item_pattern=item_pattern, sid_index=sid_index, engine_id=spec.model)
     directory = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     catalogue = functools.partial(_movielens_items, directory) if directory else (
         lambda: _movielens_items(str(assets.require("data"))))
