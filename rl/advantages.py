@@ -17,6 +17,8 @@ Tables the config picks from by name:
 - `MULTI_REWARD_COMBINERS`: `"constrained"` (RecGPT-V2 gated product) and `"weighted_sum"` (the baseline), both
   `fn(accuracy_N, constraints_NK, **knobs) -> (rewards_N, metrics)`.
 
+- `REWARD_PAIR_ESTIMATORS`: `"a2po"` (S-GRec), over a business and a semantic reward kept apart.
+
 Separate functions: `a2po_advantages` (S-GRec), `hepo_process_rewards` / `hepo_advantages` (GPR),
 `broadcast_to_tokens`, and `select_for_judge`.
 """
@@ -237,6 +239,12 @@ def a2po_advantages(
         "a2po/frac_judged": (num_judged / num_samples).detach(),
     }
     return advantages_N, metrics
+
+
+REWARD_PAIR_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {"a2po": a2po_advantages}
+"""Estimators over a business and a semantic reward kept apart (not their combined scalar), all
+`fn(business_N, semantic_N, has_semantic_N, group_ids_N, *, eps) -> (advantages_N, metrics)`. The trainer reads the
+two rewards named by `algorithm.business_reward` / `algorithm.semantic_reward` from each scored rollout."""
 
 
 def select_for_judge(num_samples: int, *, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:

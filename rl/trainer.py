@@ -35,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from rl import checkpoint as ckpt
-from rl.advantages import ADVANTAGE_ESTIMATORS
+from rl.advantages import ADVANTAGE_ESTIMATORS, REWARD_PAIR_ESTIMATORS
 from rl.config import Config, ConfigError, save_config, to_dict
 from rl.curriculum import ProgressiveSchedule, schedule_from_config
 from rl.health import FaultCounters
@@ -104,6 +104,16 @@ def build_train_batch(scored: Sequence[ScoredRollout], advantages_N: torch.Tenso
         group_ids_B[b] = group_of.setdefault(r.sample.sample_id, len(group_of))
     return TrainBatch(input_ids_BT=input_ids_BT, attention_mask_BT=attention_BT, loss_mask_BT=loss_mask_BT,
                       old_logprobs_BT=old_BT, advantages_BT=adv_BT, group_ids_B=group_ids_B)
+
+
+def reward_pair(scored: Sequence[ScoredRollout], business: str, semantic: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(business_N, semantic_N, judged_N) for `REWARD_PAIR_ESTIMATORS`: the two rewards' scores, and whether the
+    semantic reward judged the rollout (its component `judged` is 1; absent = judged)."""
+    business_N = torch.tensor([s.results[business].score for s in scored], dtype=torch.float32)
+    semantic_N = torch.tensor([s.results[semantic].score for s in scored], dtype=torch.float32)
+    judged_N = torch.tensor([s.results[semantic].components.get("judged", 1.0) == 1.0 for s in scored])
+    return business_N, semantic_N, judged_N
 
 
 def rollout_metrics(rollouts: Sequence[Rollout], seconds: float, policy_version: int) -> dict[str, float]:
@@ -358,8 +368,14 @@ class Trainer:
         rewards_N = torch.tensor([s.reward for s in scored], dtype=torch.float32)
         group_of: dict[str, int] = {}
         group_ids_N = torch.tensor([group_of.setdefault(s.rollout.sample.sample_id, len(group_of)) for s in scored])
-        estimator = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.advantage]
-        advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=self.cfg.algorithm.eps)
+        algo = self.cfg.algorithm
+        if algo.advantage in REWARD_PAIR_ESTIMATORS:  # e.g. A2PO: business and semantic rewards kept apart
+            business_N, semantic_N, judged_N = reward_pair(scored, algo.business_reward, algo.semantic_reward)
+            advantages_N, adv_metrics = REWARD_PAIR_ESTIMATORS[algo.advantage](
+                business_N, semantic_N, judged_N, group_ids_N, eps=algo.eps)
+        else:
+            estimator = ADVANTAGE_ESTIMATORS[algo.advantage]
+            advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=algo.eps)
         batch = build_train_batch(scored, advantages_N)
         t0 = time.perf_counter()
         metrics = self.learners.train(batch, entropy_coef=self.cfg.algorithm.entropy_coef, kl_coef=kl_coef)

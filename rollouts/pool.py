@@ -88,6 +88,11 @@ class RolloutPool:
         if num_gpus_per_worker is None:
             share = rollout_cfg.gpu_memory_utilization if cluster_cfg.colocate else 1.0
             num_gpus_per_worker = share if ray.cluster_resources().get("GPU") else 0.0
+        sid_index = None
+        if rollout_cfg.sid_index is not None:  # read here, shipped to the workers: only the driver needs the file
+            from rollouts.sid import SIDIndex
+
+            sid_index = SIDIndex.load(rollout_cfg.sid_index)
         actor_cls = ray.remote(RolloutWorker)
         self._actors = [
             actor_cls.options(
@@ -105,6 +110,7 @@ class RolloutPool:
                 seed=seed + worker,
                 enable_sleep_mode=cluster_cfg.colocate,
                 enforce_eager=enforce_eager,
+                sid_index=sid_index,
             )
             for worker in range(num_workers)
         ]
