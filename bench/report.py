@@ -125,30 +125,43 @@ def plot_step(result: dict[str, Any], path: Path) -> None:
 def plot_sync(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     rows = result["rows"]
+    transports = list(dict.fromkeys(row.get("transport", "path") for row in rows))
+    colors = {"path": "#1f77b4", "broadcast": "#d62728"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
-    gib = [row["gib"] for row in rows]
-    ax.plot(gib, [row["push_s"] for row in rows], "o-", label="push (export + reload)", color="#1f77b4")
-    ax.plot(gib, [row["reload_s"] for row in rows], "s--", label="  vLLM reload_weights", color="#aec7e8")
-    ax.plot(gib, [row["export_s"] for row in rows], "s--", label="  export (safetensors to /dev/shm)", color="#2ca02c")
-    ax.plot(gib, [row["floor"]["floor_s"] for row in rows], "k^-", label="floor: write + read once")
-    ax.plot(gib, [3 * row["floor"]["floor_s"] for row in rows], "k:", label="3 x floor (target)")
-    for row in rows:
-        ax.annotate(row["model"], (row["gib"], row["push_s"]), textcoords="offset points", xytext=(4, 4))
+    for transport in transports:
+        mine = [row for row in rows if row.get("transport", "path") == transport]
+        gib = [row["gib"] for row in mine]
+        ax.plot(gib, [row["push_s"] for row in mine], "o-", label=f"{transport}: push", color=colors.get(transport))
+        ax.plot(gib, [row["reload_s"] for row in mine], "s--", label=f"{transport}: vLLM worker side (reload)",
+                color=colors.get(transport), alpha=0.45)
+        for row in mine:
+            ax.annotate(row["model"], (row["gib"], row["push_s"]), textcoords="offset points", xytext=(4, 4))
+    first = [row for row in rows if row.get("transport", "path") == transports[0]]
+    gib = [row["gib"] for row in first]
+    ax.plot(gib, [row["floor"]["floor_s"] for row in first], "k^-", label="floor: write + read once")
+    ax.plot(gib, [3 * row["floor"]["floor_s"] for row in first], "k:", label="3 x floor (target)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(gib, [f"{g:.2f}" for g in gib])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("bytes moved (GiB, float32)")
     ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax = axes[1]
-    bars = ax.bar([row["model"] for row in rows], [row["ratio_to_floor"] for row in rows], color="#1f77b4")
-    ax.bar_label(bars, fmt="%.1fx")
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    width = 0.8 / len(transports)
+    for i, transport in enumerate(transports):
+        ratio = {row["model"]: row["ratio_to_floor"] for row in rows if row.get("transport", "path") == transport}
+        xs = [m + i * width for m in range(len(models))]
+        bars = ax.bar(xs, [ratio.get(model, 0.0) for model in models], width, label=transport,
+                      color=colors.get(transport))
+        ax.bar_label(bars, fmt="%.1fx", fontsize=8)
+    ax.set_xticks([m + width * (len(transports) - 1) / 2 for m in range(len(models))], models)
     ax.axhline(3.0, color="k", linestyle=":", label="target 3x")
     ax.set_ylabel("push time / floor")
     ax.legend(fontsize=8)
-    fig.suptitle(f"Weight sync, transport path — {_machine_line(result['machine'])}", fontsize=10)
+    fig.suptitle(f"Weight sync, transports {', '.join(transports)} — {_machine_line(result['machine'])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -209,7 +222,8 @@ def step_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def sync_rows(data: dict[str, Any]) -> list[list[str]]:
-    return [[f"Weight sync {row['model']} ({row['gib']:.2f} GiB, path)", _fmt(row["push_s"], ".2f", " s"),
+    return [[f"Weight sync {row['model']} ({row['gib']:.2f} GiB, {row.get('transport', 'path')})",
+             _fmt(row["push_s"], ".2f", " s"),
              f"{_fmt(row['floor']['floor_s'], '.3f', ' s')} (write+read floor)", f"{row['ratio_to_floor']:.1f}x floor",
              "≤ 3x floor" if row["model"] == "135m" else ""] for row in data["rows"]]
 
@@ -244,10 +258,15 @@ def why_not_met(name: str, data: dict[str, Any]) -> list[str]:
                 "tok/s" for row in data["engines"]["rows"]]
     lines = []
     for row in data["rows"]:
-        lines.append(f"- {row['model']}: push {row['push_s']:.2f} s = export {row['export_s']:.2f} s (learner state "
-                     f"dict → safetensors in /dev/shm) + reload {row['reload_s']:.2f} s (vLLM reload_weights); floor "
-                     f"{row['floor']['floor_s']:.3f} s (write {row['floor']['write_s']:.3f} + read "
-                     f"{row['floor']['read_s']:.3f})")
+        floor = (f"floor {row['floor']['floor_s']:.3f} s (write {row['floor']['write_s']:.3f} + read "
+                 f"{row['floor']['read_s']:.3f})")
+        if row.get("transport", "path") == "path":
+            lines.append(f"- {row['model']} (path): push {row['push_s']:.2f} s = export {row['export_s']:.2f} s "
+                         f"(learner state dict → safetensors in /dev/shm) + reload {row['reload_s']:.2f} s (vLLM "
+                         f"reload_weights); {floor}")
+        else:
+            lines.append(f"- {row['model']} ({row['transport']}): push {row['push_s']:.2f} s, of which the vLLM worker "
+                         f"received and reloaded for {row['reload_s']:.2f} s (send and receive overlap); {floor}")
         for proc in row.get("profile", {}).get("processes", []):
             top = ", ".join(f"{frame} {count}" for frame, count in proc["top_inclusive"][:8])
             lines.append(f"  - py-spy, {proc['process']} ({proc['samples']} samples at 100 Hz): {top}")

@@ -283,15 +283,13 @@ class Learner:
 
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
-    def _exported_tensors(self, module: torch.nn.Module, *, tie_lm_head: bool) -> list[tuple[str, torch.Tensor]]:
-        """HF-named tensors of the (gathered) module, read in place. A tied `lm_head.weight` is left out, or listed
-        as a second name of the embedding when `tie_lm_head` (vLLM's reload of a tied model needs it)."""
+    @staticmethod
+    def _exported_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """HF-named tensors of the (gathered) module, read in place; a tied `lm_head.weight` is left out (the
+        rollout worker hands the embedding over for it)."""
         tied = getattr(module.config, "tie_word_embeddings", False)
-        named = [(name, tensor.detach()) for name, tensor in module.state_dict().items()
-                 if not (tied and name == "lm_head.weight")]
-        if tied and tie_lm_head:
-            named.append(("lm_head.weight", module.get_input_embeddings().weight.detach()))
-        return named
+        return [(name, tensor.detach()) for name, tensor in module.state_dict().items()
+                if not (tied and name == "lm_head.weight")]
 
     def _gathered(self, module: torch.nn.Module):
         """Every parameter whole while inside (collective under ZeRO-3: every rank enters it)."""
@@ -302,8 +300,8 @@ class Learner:
     def export_weights(self, directory: str) -> dict[str, float]:
         """Write HF-named safetensors for vLLM's `reload_weights` (rank 0 writes; collective under ZeRO-3).
 
-        The bytes go from the parameters to the file once (`write_safetensors`); a tied lm_head is written as its own
-        entry so the rollout worker reloads without staging a copy."""
+        The bytes go from the parameters to the file once (`write_safetensors`); a tied lm_head is left out (the
+        rollout worker hands the embedding over for it, see rollouts/engine.py)."""
         module = self.engine.module
         num_bytes = 0
         with self._gathered(module):
@@ -311,7 +309,7 @@ class Learner:
                 path = Path(directory)
                 path.mkdir(parents=True, exist_ok=True)
                 num_bytes = write_safetensors(path / "model.safetensors",
-                                              self._exported_tensors(module, tie_lm_head=True))
+                                              self._exported_tensors(module))
         return {"weight_sync/bytes": float(num_bytes)}
 
     # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync) -----------------------------------------------
@@ -337,7 +335,7 @@ class Learner:
                 if getattr(self, "weight_group", None) is None:
                     raise RuntimeError("broadcast_weights before join_weight_group: the weight group is not set up.")
                 try:
-                    plan = send_weights(self.weight_group, self._exported_tensors(module, tie_lm_head=False),
+                    plan = send_weights(self.weight_group, self._exported_tensors(module),
                                         policy_version=policy_version, bucket_bytes=bucket_bytes)
                 except BaseException:
                     self.leave_weight_group()  # closes the connections: receivers fail instead of hanging

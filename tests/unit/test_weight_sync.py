@@ -21,6 +21,7 @@ from rl.weight_sync import (
     WeightGroup,
     make_weight_sync,
     plan_buckets,
+    read_safetensors,
     receive_buckets,
     receive_plan,
     send_weights,
@@ -81,6 +82,10 @@ def test_write_safetensors_roundtrip_with_alias(tmp_path):
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
+    viewed = dict(read_safetensors(tmp_path / "model.safetensors"))  # memory-mapped views (misaligned: copied)
+    assert list(viewed) == [name for name, _ in named]
+    for name, tensor in named:
+        assert viewed[name].dtype == tensor.dtype and torch.equal(viewed[name], tensor), name
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
 
