@@ -97,6 +97,11 @@ class DataConfig:
     recent_days: float = field(default=30.0, metadata=_range(0.0, lo_open=True))
     """negfeedback_pgrpo, curriculum filter "recent_negatives": a user's negative feedback within this many days
     before the end of their training history."""
+    sid_levels: int = field(default=3, metadata=_range(1, 26))
+    """Semantic-ID recipes (sgrec_a2po): residual k-means levels L of the item index built from MiniLM item
+    embeddings (colliding items get one extra level). Ignored when rollout.sid_index names an existing index."""
+    sid_codes_per_level: int = field(default=32, metadata=_range(2))
+    """Semantic-ID recipes: codes K per level (the index adds about L·K tokens to the tokenizer)."""
 
 
 @dataclass(frozen=True, kw_only=True)
