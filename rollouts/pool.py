@@ -1,17 +1,21 @@
 """`RolloutPool`: the driver-side handle over the vLLM rollout worker actors (`rollouts.engine.RolloutWorker`).
 
 It starts `rollout.num_workers` Ray actors, shards each step's prompts over them (a prompt's whole group stays on one
-worker), gathers the groups back in input order, and pushes new weights to every worker (`sync`).
+worker), gathers the groups back in input order, and pushes new weights to every worker: `sync(weights_dir)` for the
+path transport, or `join_weight_group` + `receive_weights` for the broadcast transport (rl/weight_sync.py), where
+every vLLM worker of every engine is one rank of the weight group (learner rank 0 is rank 0).
 
 Fault tolerance (DESIGN.md, "Actors and placement"): the actors restart up to `cluster.max_restarts` times
 (`max_task_retries=0`: Ray itself never re-runs a call). When a worker dies during a call, the pool waits for Ray to
-restart it, re-applies the weights of the last `sync(weights_dir, version)` (so the directory of the latest sync must
-stay readable until the next one; `rl.weight_sync.PathWeightSync` keeps it), and re-issues exactly the shard that
-worker had. The re-issued shard has the same ids, and with a seed the same rollouts (request seeds derive from the
-sample ids), so a step never loses or duplicates a rollout; the gathered ids are checked against the expected ones.
-A worker that fails more than `max_restarts` times raises `RolloutWorkerLostError`. Restarts and re-issued calls are
-logged at WARNING and counted (`fault_counts()`: `fault/rollout_restarts`, `fault/reissued_shards`), and
-`heartbeat()` restarts a worker that is dead or does not answer a ping between steps (see rl/health.py).
+restart it, re-applies the weights of the last `sync(weights_dir, version)` (so the directory of the latest sync
+must stay readable until the next one; `rl.weight_sync.PathWeightSync` keeps it; after a broadcast, the weights of
+that version exported on demand through `set_restart_weights`: the restarted worker is in no weight group, and the
+next push re-creates the group with it), and re-issues exactly the shard that worker had. The re-issued shard has
+the same ids, and with a seed the same rollouts (request seeds derive from the sample ids), so a step never loses or
+duplicates a rollout; the gathered ids are checked against the expected ones. A worker that fails more than
+`max_restarts` times raises `RolloutWorkerLostError`. Restarts and re-issued calls are logged at WARNING and counted
+(`fault_counts()`: `fault/rollout_restarts`, `fault/reissued_shards`), and `heartbeat()` restarts a worker that is
+dead or does not answer a ping between steps (see rl/health.py).
 """
 
 from __future__ import annotations
