@@ -286,7 +286,7 @@ class FaultInjector:
     parity: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     learner_logprobs: dict[int, list[float]] = field(default_factory=dict)
     worker_pid: dict[int, int] = field(default_factory=dict)
-    kill_delay_s: float = 0.0
+    kill_delay_s: float = 0.1  # after generate sent the shard; a step-2 generation takes ~0.4 s or more
     killed_reward_pid: list[int] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -296,14 +296,23 @@ class FaultInjector:
         self.learner_logprobs[ctx.step] = self._logprobs(learners)
         self.worker_pid[ctx.step] = pool.health()[0]["pid"]
         if ctx.step == 1:
-            # Step 2's generation starts milliseconds after this callback (a heartbeat comes first) and lasts about
-            # as long as step 1's: a third of that lands in its middle.
-            self.kill_delay_s = max(0.2, ctx.metrics["timing/rollout"] / 3)
-            self._start(threading.Timer(self.kill_delay_s, os.kill, args=(self.worker_pid[1], signal.SIGKILL)))
+            self._kill_inside_next_generate(pool, self.worker_pid[1])
         elif ctx.step == 2:
             (self.state_dir / "arm").write_text("")
             self._start(threading.Thread(target=lambda: self.killed_reward_pid.append(
                 _kill_when_scoring(self.state_dir))))
+
+    def _kill_inside_next_generate(self, pool, pid: int) -> None:
+        """SIGKILL the worker shortly after step 2's `generate` has sent it its shard (one shot). Timed from the call
+        itself, not from this callback, so heartbeats and warm-up cannot move the kill out of the generation."""
+        generate = pool.generate
+
+        def generate_then_kill(*args, **kwargs):
+            pool.generate = generate
+            self._start(threading.Timer(self.kill_delay_s, os.kill, args=(pid, signal.SIGKILL)))
+            return generate(*args, **kwargs)
+
+        pool.generate = generate_then_kill
 
     def _logprobs(self, learners) -> list[float]:
         """The policy's log-probs of a fixed 16-token continuation: how far the weights moved between steps."""
