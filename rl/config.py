@@ -350,6 +350,28 @@ class CurriculumConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Supervised warm-start before RL (rl/sft.py): completion-only fine-tuning on the recipe's (prompt → target)
+    pairs, e.g. user history → the next item's semantic ID, so RL starts from a model that emits valid outputs."""
+
+    num_steps: int = field(default=0, metadata=_range(0))
+    """Optimizer steps of the warm-start; 0 = no warm-start. The result is cached in {run_dir}/sft_model."""
+    lr: float = field(default=1e-4, metadata=_range(0.0, lo_open=True))
+    """AdamW learning rate (constant after warmup_steps)."""
+    batch_size: int = field(default=8, metadata=_range(1))
+    """Examples per optimizer step."""
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    """Linear learning-rate warmup steps."""
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    """AdamW weight decay."""
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    """Gradient-norm clip; 0 = none."""
+    alignment_fraction: float = field(default=0.25, metadata=_range(0.0, 1.0))
+    """Share of examples that are item-title <-> semantic-ID alignment pairs (SID recipes); the rest are next-item
+    pairs. 0 = next-item pairs only; 1 = alignment pairs only."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -362,6 +384,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     gui: GuiConfig = field(default_factory=GuiConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
