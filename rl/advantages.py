@@ -18,6 +18,7 @@ Tables the config picks from by name:
   `fn(accuracy_N, constraints_NK, **knobs) -> (rewards_N, metrics)`.
 
 - `REWARD_PAIR_ESTIMATORS`: `"a2po"` (S-GRec), over a business and a semantic reward kept apart.
+- `LEVEL_ESTIMATORS`: `"hepo"` (GPR), over per-level rewards of semantic-ID actions with a value head.
 
 Separate functions: `a2po_advantages` (S-GRec), `hepo_process_rewards` / `hepo_advantages` (GPR),
 `broadcast_to_tokens`, and `select_for_judge`.
@@ -348,6 +349,11 @@ def hepo_advantages(
     advantages_NL = torch.cat([gae_NL[:, :-1], last_N[:, None]], dim=1)
     metrics["hepo/value_mean"] = values_NL.mean().detach()
     return HepoTargets(advantages_NL, returns_NL), metrics
+
+
+LEVEL_ESTIMATORS: dict[str, Callable[..., tuple[HepoTargets, Metrics]]] = {"hepo": hepo_advantages}
+"""Estimators over per-level rewards of semantic-ID actions with a value head (the learner adds one for these):
+`fn(rewards_NL, values_NL, group_ids_N, *, gamma, lam, eps) -> (HepoTargets, metrics)`; rl/hepo.py runs them."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -198,10 +198,22 @@ class AlgorithmConfig:
     eps: float = field(default=1e-6, metadata=_range(0.0, lo_open=True))
     """ε in the advantage denominator std + ε."""
     business_reward: str = "ecpm"
-    """advantage "a2po": the reward (its alias or name in reward.rewards) whose score is the business reward."""
+    """advantage "a2po" and "hepo": the reward (its alias or name in reward.rewards) whose score is the business
+    reward (HEPO: the reward of the last semantic-ID level)."""
     semantic_reward: str = "semantic_judge"
     """advantage "a2po": the reward whose score is the semantic reward; a rollout counts as judged when that result's
     component `judged` is 1 (a reward without the component judges every rollout). Unjudged rollouts get A = A_biz."""
+    hepo_alpha: list[float] = field(default_factory=lambda: [1.0])
+    """advantage "hepo": α_ℓ of the process reward α_ℓ·max(0, P_ℓ(z_ℓ) − mean_legal P_ℓ) at the non-final levels:
+    L − 1 values, or one value for all (L = the SID length: data.sid_levels, plus one if collisions added a level)."""
+    hepo_level_weights: list[float] = field(default_factory=lambda: [1.0])
+    """advantage "hepo": c_ℓ, the weight of each level's clipped policy loss: L values, or one value for all."""
+    gae_gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    """advantage "hepo": discount γ over the semantic-ID levels in GAE."""
+    gae_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    """advantage "hepo": GAE λ."""
+    value_coef: float = field(default=0.5, metadata=_range(0.0))
+    """advantage "hepo": weight of the value head's loss (V_ℓ − R_ℓ)²/2 next to the policy loss."""
     dr_grpo_max_tokens: int = field(default=0, metadata=_range(0))
     """Constant normaliser for aggregation "dr_grpo" (0 = rollout.max_new_tokens)."""
 
@@ -479,10 +491,10 @@ def build(cls: type, data: Any, *, prefix: str = "") -> Any:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a single field's range cannot express."""
-    from rl.advantages import ADVANTAGE_ESTIMATORS, REWARD_PAIR_ESTIMATORS  # local: the tables live there
+    from rl.advantages import ADVANTAGE_ESTIMATORS, LEVEL_ESTIMATORS, REWARD_PAIR_ESTIMATORS  # the tables
     from rl.losses import AGGREGATIONS
 
-    known = [*ADVANTAGE_ESTIMATORS, *REWARD_PAIR_ESTIMATORS]
+    known = [*ADVANTAGE_ESTIMATORS, *REWARD_PAIR_ESTIMATORS, *LEVEL_ESTIMATORS]
     if cfg.algorithm.advantage not in known:
         raise ConfigError(
             f"algorithm.advantage='{cfg.algorithm.advantage}' is not a known estimator."
@@ -490,6 +502,8 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.algorithm.advantage in REWARD_PAIR_ESTIMATORS:
         _validate_reward_pair(cfg)
+    if cfg.algorithm.advantage in LEVEL_ESTIMATORS:
+        _validate_level_estimator(cfg)
     if cfg.algorithm.aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"algorithm.aggregation='{cfg.algorithm.aggregation}' is not a known aggregation."
@@ -531,6 +545,28 @@ def _validate_reward_pair(cfg: Config) -> None:
     if algo.business_reward == algo.semantic_reward:
         raise ConfigError(f"algorithm.business_reward and algorithm.semantic_reward are both '{algo.business_reward}'; "
                           f"'{algo.advantage}' needs two different rewards.")
+
+
+def _validate_level_estimator(cfg: Config) -> None:
+    """HEPO: the business reward exists, and the knobs its loss (rl.losses.hepo_loss) does not have are off."""
+    algo = cfg.algorithm
+    names = [spec.alias or spec.name for spec in cfg.reward.rewards]
+    if algo.business_reward not in names:
+        raise ConfigError(f"algorithm.business_reward='{algo.business_reward}', but reward.rewards has no reward of "
+                          f"that name or alias (it has: {', '.join(names)}). algorithm.advantage='{algo.advantage}' "
+                          "gives it to the last semantic-ID level; name it."
+                          f"{_did_you_mean(algo.business_reward, names)}")
+    unsupported = {"kl_coef": algo.kl_coef or None, "entropy_coef": algo.entropy_coef or None,
+                   "tis_cap": algo.tis_cap, "dual_clip": algo.dual_clip}
+    set_keys = [f"algorithm.{key}={value}" for key, value in unsupported.items() if value is not None]
+    if set_keys:
+        raise ConfigError(f"{', '.join(set_keys)}: algorithm.advantage='{algo.advantage}' trains with the per-level "
+                          "HEPO loss (clipped policy loss per semantic-ID level + value loss), which has no KL, "
+                          "entropy, truncated-IS or dual-clip term. Set kl_coef=0, entropy_coef=0, tis_cap=null, "
+                          "dual_clip=null.")
+    for key in ("hepo_alpha", "hepo_level_weights"):
+        if not getattr(algo, key):
+            raise ConfigError(f"algorithm.{key} is empty; give one value per level or a single value for all.")
 
 
 def _validate_curriculum(cfg: Config) -> None:

@@ -31,10 +31,12 @@ import deepspeed
 import torch
 from transformers import AutoModelForCausalLM
 
+from rl.advantages import LEVEL_ESTIMATORS
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.kernels import IGNORE_INDEX, fused_logprob_entropy
 from rl.losses import policy_loss
 from rl.types import TrainBatch
+from rl.value_head import VALUE_HEAD, attach_value_head, hepo_micro_loss, is_value_head_tensor, level_values
 from rl.weight_sync import WeightGroup, send_weights, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -97,14 +99,7 @@ def micro_batches(batch: TrainBatch, size: int, count: int) -> Iterator[TrainBat
 def _slice(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
     attention_BT = batch.attention_mask_BT[lo:hi]
     width = int(attention_BT.sum(-1).max().item())
-    return TrainBatch(
-        input_ids_BT=batch.input_ids_BT[lo:hi, :width],
-        attention_mask_BT=attention_BT[:, :width],
-        loss_mask_BT=batch.loss_mask_BT[lo:hi, :width],
-        old_logprobs_BT=batch.old_logprobs_BT[lo:hi, :width],
-        advantages_BT=batch.advantages_BT[lo:hi, :width],
-        group_ids_B=batch.group_ids_B[lo:hi],
-    )
+    return batch.rows(lo, hi, width=width)
 
 
 @contextlib.contextmanager
@@ -174,6 +169,8 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.algo.advantage in LEVEL_ESTIMATORS:  # HEPO: the critic, trained and checkpointed with the policy
+            attach_value_head(model)
         ds_config = deepspeed_config(self.cfg, bf16=self.dtype == torch.bfloat16, world_size=self.world_size)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         if self.algo.kl_coef > 0:
@@ -197,10 +194,17 @@ class Learner:
         Position t holds log p(x_t | x_<t); position 0 and positions outside `loss_mask_BT` are 0. Only loss rows
         are computed (the fused kernel skips ignored rows), and logits are never materialised for the batch.
         """
+        return self._logprobs_from_hidden(model, batch, self._hidden(model, batch))
+
+    def _hidden(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+        """Final hidden states (B, T, H) of the decoder (no logits)."""
         input_ids_BT = batch.input_ids_BT.to(self.device)
         attention_BT = batch.attention_mask_BT.to(self.device)
-        out = model.get_decoder()(input_ids=input_ids_BT, attention_mask=attention_BT)
-        hidden_BTH = out.last_hidden_state
+        return model.get_decoder()(input_ids=input_ids_BT, attention_mask=attention_BT).last_hidden_state
+
+    def _logprobs_from_hidden(self, model: torch.nn.Module, batch: TrainBatch, hidden_BTH: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids_BT = batch.input_ids_BT.to(self.device)
         B, T, H = hidden_BTH.shape
         targets_BT = torch.full_like(input_ids_BT, IGNORE_INDEX)
         loss_mask_BT = batch.loss_mask_BT.to(self.device) > 0
@@ -221,6 +225,17 @@ class Learner:
         """Current policy log-probs (B, T) without gradient, on CPU (parity checks, diagnostics)."""
         self.engine.module.eval()
         return self.token_logprobs(self.engine.module, batch)[0].cpu()
+
+    @torch.no_grad()
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """HEPO: the value head's V(s_l) at each level of `batch.level_positions_BL`, float32 (B, L) on CPU."""
+        module = self.engine.module
+        if not hasattr(module, VALUE_HEAD) or batch.level_positions_BL is None:
+            raise ValueError("values() needs a value head (algorithm.advantage='hepo') and a per-level batch "
+                             "(rl.hepo.with_levels).")
+        module.eval()
+        hidden_BTH = self._hidden(module, batch)
+        return level_values(getattr(module, VALUE_HEAD), hidden_BTH, batch.level_positions_BL).cpu()
 
     # -- update --------------------------------------------------------------------------------------------------
 
@@ -257,9 +272,15 @@ class Learner:
         return totals
 
     def _micro_step(self, micro: TrainBatch, denominator: float, entropy_coef: float, kl_coef: float):
-        logprobs_BT, entropy_BT = self.token_logprobs(self.engine.module, micro)
+        module = self.engine.module
+        hidden_BTH = self._hidden(module, micro)
+        logprobs_BT, entropy_BT = self._logprobs_from_hidden(module, micro, hidden_BTH)
         mask_BT = micro.loss_mask_BT.to(self.device)
         sampler_BT = micro.old_logprobs_BT.to(self.device)
+        if hasattr(module, VALUE_HEAD):  # HEPO: per-level clipped loss + value loss (rl/value_head.py)
+            loss, metrics = hepo_micro_loss(logprobs_BT, hidden_BTH, getattr(module, VALUE_HEAD), micro,
+                                            algo=self.algo, denominator=denominator)
+            return loss, self._diagnostics(metrics, logprobs_BT, entropy_BT, sampler_BT, mask_BT)
         ref_BT = None
         if self.ref_model is not None and kl_coef > 0:
             with torch.no_grad():
@@ -272,6 +293,11 @@ class Learner:
             sampler_logprobs_BT=sampler_BT if self.algo.tis_cap else None, tis_cap=self.algo.tis_cap,
             aggregation=self.algo.aggregation,
         )
+        return loss, self._diagnostics(metrics, logprobs_BT, entropy_BT, sampler_BT, mask_BT)
+
+    @staticmethod
+    def _diagnostics(metrics: dict, logprobs_BT: torch.Tensor, entropy_BT: torch.Tensor, sampler_BT: torch.Tensor,
+                     mask_BT: torch.Tensor) -> dict:
         with torch.no_grad():
             diff_BT = (logprobs_BT.detach() - sampler_BT).abs() * mask_BT
             metrics = dict(metrics)
@@ -279,17 +305,17 @@ class Learner:
             metrics["rollout/logprob_mismatch_max"] = diff_BT.max()
             metrics["rollout/num_loss_tokens"] = mask_BT.sum()
             metrics["actor/entropy_sum"] = (entropy_BT.detach() * mask_BT).sum()
-        return loss, metrics
+        return metrics
 
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
     @staticmethod
     def _exported_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         """HF-named tensors of the (gathered) module, read in place; a tied `lm_head.weight` is left out (the
-        rollout worker hands the embedding over for it)."""
+        rollout worker hands the embedding over for it), and so is HEPO's value head (not part of the policy)."""
         tied = getattr(module.config, "tie_word_embeddings", False)
         return [(name, tensor.detach()) for name, tensor in module.state_dict().items()
-                if not (tied and name == "lm_head.weight")]
+                if not (tied and name == "lm_head.weight") and not is_value_head_tensor(name)]
 
     def _gathered(self, module: torch.nn.Module):
         """Every parameter whole while inside (collective under ZeRO-3: every rank enters it)."""
@@ -384,6 +410,7 @@ def export_checkpoint_weights(checkpoint_dir: str, tag: str, out_dir: str) -> di
         raise FileNotFoundError(f"{checkpoint_dir} has no learner state '{tag}/' (is it a RecForge checkpoint, "
                                 "runs/<name>/checkpoints/step_NNNNNN?).")
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    state = {name: tensor for name, tensor in state.items() if not is_value_head_tensor(name)}  # HEPO's critic
     embed = state.get("model.embed_tokens.weight")
     if embed is not None and "lm_head.weight" in state and torch.equal(state["lm_head.weight"], embed):
         del state["lm_head.weight"]

@@ -48,11 +48,7 @@ def shard_bounds(num_sequences: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def slice_batch(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
-    return TrainBatch(
-        input_ids_BT=batch.input_ids_BT[lo:hi], attention_mask_BT=batch.attention_mask_BT[lo:hi],
-        loss_mask_BT=batch.loss_mask_BT[lo:hi], old_logprobs_BT=batch.old_logprobs_BT[lo:hi],
-        advantages_BT=batch.advantages_BT[lo:hi], group_ids_B=batch.group_ids_B[lo:hi],
-    )
+    return batch.rows(lo, hi)
 
 
 class LearnerGroup:
@@ -114,8 +110,11 @@ class LearnerGroup:
         """One optimiser step over the whole batch; loss metrics are summed over ranks (they share one denominator).
         `kl_coef` overrides algorithm.kl_coef for this step (None = keep it)."""
         max_len = self.algo.dr_grpo_max_tokens or self.max_completion_length
-        denominator = float(loss_denominator(batch.loss_mask_BT, aggregation=self.algo.aggregation,
-                                             max_completion_length=max_len))
+        if batch.level_positions_BL is not None:  # HEPO: hepo_loss divides by the number of candidates
+            denominator = float(max(int((batch.loss_mask_BT.sum(-1) > 0).sum()), 1))
+        else:
+            denominator = float(loss_denominator(batch.loss_mask_BT, aggregation=self.algo.aggregation,
+                                                 max_completion_length=max_len))
         bounds = shard_bounds(batch.num_sequences, self.world_size)
         num_micro = max(1, max(math.ceil((hi - lo) / self.cfg.micro_batch_size) for lo, hi in bounds))
         futures = [
@@ -134,6 +133,14 @@ class LearnerGroup:
         pairs = enumerate(zip(self.actors, bounds, strict=True))
         parts = self._gather({rank: a.logprobs.remote(slice_batch(batch, lo, hi)) for rank, (a, (lo, hi)) in pairs
                               if hi > lo}, "logprobs")
+        return torch.cat(parts, dim=0)
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """HEPO: the value head's V(s_l) (B, L) at `batch.level_positions_BL`, each rank computing its shard."""
+        bounds = shard_bounds(batch.num_sequences, self.world_size)
+        pairs = enumerate(zip(self.actors, bounds, strict=True))
+        parts = self._gather({rank: a.values.remote(slice_batch(batch, lo, hi)) for rank, (a, (lo, hi)) in pairs
+                              if hi > lo}, "values")
         return torch.cat(parts, dim=0)
 
     def export_weights(self, directory: str) -> dict[str, float]:
@@ -181,5 +188,9 @@ def _reduce_metrics(per_rank: list[dict[str, float]], batch: TrainBatch) -> dict
     tokens = max(out.get("rollout/num_loss_tokens", 0.0), 1.0)
     out["rollout/logprob_mismatch_mean"] = out.pop("rollout/logprob_mismatch_sum", 0.0) / tokens
     out["actor/entropy"] = out.pop("actor/entropy_sum", 0.0) / tokens
+    if "critic/num_values_sum" in out:  # HEPO's value head
+        num_values = max(out.pop("critic/num_values_sum"), 1.0)
+        out["critic/value_mean"] = out.pop("critic/value_sum") / num_values
+        out["critic/abs_error"] = out.pop("critic/abs_error_sum") / num_values
     out["timing/train_rank"] = max(m.get("timing/train_rank", 0.0) for m in per_rank)
     return out

@@ -35,10 +35,11 @@ import yaml
 from tqdm import tqdm
 
 from rl import checkpoint as ckpt
-from rl.advantages import ADVANTAGE_ESTIMATORS, REWARD_PAIR_ESTIMATORS
+from rl.advantages import ADVANTAGE_ESTIMATORS, LEVEL_ESTIMATORS, REWARD_PAIR_ESTIMATORS
 from rl.config import Config, ConfigError, save_config, to_dict
 from rl.curriculum import ProgressiveSchedule, schedule_from_config
 from rl.health import FaultCounters
+from rl.hepo import LevelCoder, hepo_batch
 from rl.learner_group import LearnerGroup
 from rl.types import Rollout, Sample, ScoredRollout, TrainBatch
 from rl.weight_sync import make_weight_sync
@@ -209,10 +210,18 @@ class Trainer:
                  run_dir: Path | None = None,
                  evaluate: Callable[[Trainer, int], dict[str, float]] | None = None,
                  callbacks: Sequence[Callable[[StepContext], None]] = (),
-                 collect: Callable[[Trainer, list[Sample], int, int], list[Rollout]] | None = None) -> None:
+                 collect: Callable[[Trainer, list[Sample], int, int], list[Rollout]] | None = None,
+                 level_coder: LevelCoder | None = None) -> None:
         """`collect(trainer, samples, policy_version, seed)` replaces single-turn `pool.generate` (multi-turn
         recipes run their environment loop there); it must return G rollouts per sample, grouped, in order.
-        With `curriculum.stages` in the config, `prompts` maps each stage's data filter to its prompt source."""
+        With `curriculum.stages` in the config, `prompts` maps each stage's data filter to its prompt source.
+        `level_coder` reads generated semantic IDs as per-level codes; `algorithm.advantage: hepo` needs it."""
+        if cfg.algorithm.advantage in LEVEL_ESTIMATORS and level_coder is None:
+            raise ConfigError(f"algorithm.advantage='{cfg.algorithm.advantage}' scores each semantic-ID level, so the "
+                              "recipe must pass Trainer(level_coder=...) (e.g. rollouts.sid_levels.SIDLevelCoder "
+                              "over its SID index); this recipe generates no semantic IDs. Use a SID recipe such "
+                              "as gpr_hepo, or a token-level estimator (grpo, ...).")
+        self.level_coder = level_coder
         self.cfg, self.prompts, self.evaluate_fn, self.callbacks = cfg, prompts, evaluate, list(callbacks)
         self.schedule = check_curriculum_prompts(cfg, prompts)
         self.collect = collect
@@ -369,14 +378,20 @@ class Trainer:
         group_of: dict[str, int] = {}
         group_ids_N = torch.tensor([group_of.setdefault(s.rollout.sample.sample_id, len(group_of)) for s in scored])
         algo = self.cfg.algorithm
-        if algo.advantage in REWARD_PAIR_ESTIMATORS:  # e.g. A2PO: business and semantic rewards kept apart
-            business_N, semantic_N, judged_N = reward_pair(scored, algo.business_reward, algo.semantic_reward)
-            advantages_N, adv_metrics = REWARD_PAIR_ESTIMATORS[algo.advantage](
-                business_N, semantic_N, judged_N, group_ids_N, eps=algo.eps)
+        if algo.advantage in LEVEL_ESTIMATORS:  # HEPO: per-level rewards, critic values, GAE (rl/hepo.py)
+            batch, adv_metrics = hepo_batch(
+                build_train_batch(scored, torch.zeros(len(scored))), scored, self.level_coder(scored),
+                self.learners.values, business_reward=algo.business_reward, alpha=algo.hepo_alpha,
+                gamma=algo.gae_gamma, lam=algo.gae_lambda, eps=algo.eps)
         else:
-            estimator = ADVANTAGE_ESTIMATORS[algo.advantage]
-            advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=algo.eps)
-        batch = build_train_batch(scored, advantages_N)
+            if algo.advantage in REWARD_PAIR_ESTIMATORS:  # e.g. A2PO: business and semantic rewards kept apart
+                business_N, semantic_N, judged_N = reward_pair(scored, algo.business_reward, algo.semantic_reward)
+                advantages_N, adv_metrics = REWARD_PAIR_ESTIMATORS[algo.advantage](
+                    business_N, semantic_N, judged_N, group_ids_N, eps=algo.eps)
+            else:
+                estimator = ADVANTAGE_ESTIMATORS[algo.advantage]
+                advantages_N, adv_metrics = estimator(rewards_N, group_ids_N, eps=algo.eps)
+            batch = build_train_batch(scored, advantages_N)
         t0 = time.perf_counter()
         metrics = self.learners.train(batch, entropy_coef=self.cfg.algorithm.entropy_coef, kl_coef=kl_coef)
         metrics["timing/train"] = time.perf_counter() - t0

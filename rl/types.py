@@ -115,6 +115,10 @@ class TrainBatch:
     old_logprobs_BT: float32, sampler log-probs at completion positions, 0 elsewhere.
     advantages_BT: float32, per-token advantages (group advantages broadcast over completion tokens).
     group_ids_B: int64, which group each sequence belongs to.
+    level_positions_BL: int64 or None. HEPO (per-level actions, rl/hepo.py): position in input_ids of the token chosen
+        at each of the L semantic-ID levels; the value head reads the hidden state one position earlier (the state
+        before the choice). None for token-level algorithms.
+    returns_BL: float32 or None. HEPO: the value head's regression targets (GAE returns) per level.
     """
 
     input_ids_BT: torch.Tensor
@@ -123,6 +127,19 @@ class TrainBatch:
     old_logprobs_BT: torch.Tensor
     advantages_BT: torch.Tensor
     group_ids_B: torch.Tensor
+    level_positions_BL: torch.Tensor | None = None
+    returns_BL: torch.Tensor | None = None
+
+    def rows(self, lo: int, hi: int, *, width: int | None = None) -> TrainBatch:
+        """Sequences lo..hi-1 (and the first `width` columns when given), per-level fields included."""
+        cols = slice(None) if width is None else slice(0, width)
+        levels = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+        return TrainBatch(
+            input_ids_BT=self.input_ids_BT[lo:hi, cols], attention_mask_BT=self.attention_mask_BT[lo:hi, cols],
+            loss_mask_BT=self.loss_mask_BT[lo:hi, cols], old_logprobs_BT=self.old_logprobs_BT[lo:hi, cols],
+            advantages_BT=self.advantages_BT[lo:hi, cols], group_ids_B=self.group_ids_B[lo:hi],
+            level_positions_BL=levels(self.level_positions_BL), returns_BL=levels(self.returns_BL),
+        )
 
     @property
     def num_sequences(self) -> int:
@@ -131,3 +148,27 @@ class TrainBatch:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask_BT.sum().item())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SIDLevels:
+    """HEPO's view of N generated semantic IDs (rl/hepo.py), built on the driver by the recipe's level coder.
+
+    codes_NL: int64 (N, L), the code chosen at each level (0..V-1 in the level's own numbering).
+    legal_NLV: bool (N, L, V), the codes the trie allowed at level l after the chosen prefix (what the decoder could
+        pick), V = the most codes any level has.
+    positive_codes: N int64 tensors (P_n, L), the codes of the sample's user's positive items (P_n may be 0); the
+        user's code popularity P_l(t) comes from them (`rl.advantages.code_popularity`).
+    """
+
+    codes_NL: torch.Tensor
+    legal_NLV: torch.Tensor
+    positive_codes: tuple[torch.Tensor, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.codes_NL.shape[1])
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.legal_NLV.shape[2])
