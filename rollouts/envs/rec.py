@@ -56,7 +56,7 @@ __all__ = [
     "id_sort_key", "leave_last_out", "parse_id", "sample_candidates", "time_cutoffs", "time_split", "user_rng",
     "iter_json_entries", "load_dataset", "load_interactions", "load_items", "load_movielens", "load_users",
     "read_records", "load_sid_index", "SYSTEM_PROMPT", "reasoning_prompt", "RecReasoningTask", "ItemForm",
-    "TextItemForm", "SIDItemForm", "next_item_prompt", "NextItemTask",
+    "TextItemForm", "SIDItemForm", "sid_alignment_pairs", "next_item_prompt", "NextItemTask",
 ]
 
 Render = Callable[[list[dict[str, str]]], str]
@@ -208,6 +208,26 @@ class SIDItemForm:
 
     def answer(self, item_id: Id) -> str:
         return self.index.sid_text(item_id)
+
+
+def sid_alignment_pairs(index: SIDIndex, items: dict[Id, Item]) -> list[tuple[list[dict[str, str]], str]]:
+    """Item title <-> semantic-ID pairs for a supervised warm-start (LC-Rec's item-indexing tasks): per item,
+    (chat messages, answer) for "which movie has SID s?" -> "Title (Year)" and "what is the SID of Title (Year)
+    [genres]?" -> s, in item order. They teach freshly added SID tokens what each code means."""
+    text = TextItemForm(items)
+    system = SIDItemForm.system_prompt
+    pairs = []
+    for item_id in sorted(index, key=id_sort_key):
+        if item_id not in items:
+            continue
+        sid = index.sid_text(item_id)
+        pairs.append(([{"role": "system", "content": system},
+                       {"role": "user", "content": f"Which movie has the semantic ID {sid}? Answer with "
+                                                   f"{TextItemForm.answer_hint}."}], text.answer(item_id)))
+        pairs.append(([{"role": "system", "content": system},
+                       {"role": "user", "content": f"What is the semantic ID of the movie {items[item_id].describe()}?"
+                                                   f" Answer with {SIDItemForm.answer_hint}."}], sid))
+    return pairs
 
 
 def next_item_prompt(history: Sequence[Interaction], *, form: ItemForm, user: User | None = None,
