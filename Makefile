@@ -34,7 +34,7 @@ gui-deps:
 	@bash cluster/install_gui_deps.sh || echo "warning: Chromium not installed; GUI environment tests will be skipped"
 
 test: venv gui-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 test-slow: venv gui-deps
 	$(BIN)/python -m pytest -q -m slow tests
