@@ -1,0 +1,157 @@
+"""gpr_hepo: semantic-ID next-item generation on MovieLens-100K trained with HEPO (GPR's per-level policy optimisation).
+
+Same generation setup as sgrec_a2po (whose helpers it reuses): items get semantic IDs by residual k-means over their
+MiniLM text embeddings (saved as `{run_dir}/sid_index.json`, read back on resume, or `rollout.sid_index`), the SID
+tokens are added to the model (`{run_dir}/sid_model`), the prompt lists the user's history as "<a_3><b_17><c_5>
+Title (Year) [Genres]", and vLLM's trie-constrained decoding makes every completion one real item. Each request gets
+K = `rollout.num_samples_per_prompt` candidates (the rollout group).
+
+HEPO (`algorithm.advantage: hepo`; rl/hepo.py, rl/advantages.py, rl/value_head.py) treats the L code tokens of a SID
+as L actions. Level l < L earns the process reward r_l = α_l·max(0, P_l(z_l) − mean_{t legal} P_l(t)), where P_l is
+the popularity of level-l codes among the user's positive items (earlier interactions rated >= 4) and "legal" is what
+the trie allowed after the chosen prefix; the last level earns the business value r_L = `ecpm` of the generated item
+(min-max within the request). A value head on the policy's final hidden states gives V(s_l); advantages are
+GAE(γ, λ) for l < L and the z-score of r_L over the request's K candidates at l = L; the loss is the clipped policy
+loss per level weighted c_l plus the value loss. Evaluation on held-out users' next (validation) item: greedy
+constrained generation, HR@1 and the share of valid and of distinct generated items.
+
+Local (CPU or one GPU, everything colocated):
+    recforge run gpr_hepo --config debug [run.num_steps=30 ...]
+    python -m recipes.gpr_hepo --config debug
+On a Ray cluster (token authentication on; see cluster/README.md):
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m recipes.gpr_hepo --config recipes/gpr_hepo/cluster.yaml cluster.address=auto
+Evaluate a checkpoint (its saved config names the SID model and index):
+    recforge eval gpr_hepo --checkpoint runs/gpr_hepo-debug
+
+How it differs from GPR: the paper's one-model advertising recommender is pre-trained (then fine-tuned) on
+industrial logs with semantic IDs from a learned multimodal tokenizer, and HEPO's last-level value is the platform's
+real business value. Here the SIDs are training-free residual k-means codes of MiniLM text embeddings (colliding
+items get an extra level, so usually L = data.sid_levels + 1), the bids are SYNTHETIC (rewards/ecpm.py: MovieLens
+has no ads) with a small DeepFM pCTR, the positives are MovieLens ratings >= 4, and RL starts from freshly added SID
+embeddings on the embedded 135M model without the paper's pre-training stages, so expect reward movement rather
+than the paper's gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import random
+import sys
+from pathlib import Path
+
+from recipes.sgrec_a2po.main import TrainPrompts, make_evaluate, sid_index, sid_model, with_sid_paths
+from rl.config import Config, ConfigError, load_config, resolve_config_path
+from rl.types import Sample
+
+log = logging.getLogger(__name__)
+RECIPE = "gpr_hepo"
+POSITIVE_RATING = 4
+"""A user's positive items (for code popularity) are their earlier interactions rated at least this."""
+POSITIVES_KEY = "positive_items"
+
+
+class HepoPrompts(TrainPrompts):
+    """`TrainPrompts` whose samples also list the user's positive items before the target (`positive_items`)."""
+
+    def sample(self, index: int) -> Sample:
+        sample = super().sample(index)
+        user, pos = self.task.targets[self.positions[index]]
+        earlier = self.task.data.by_user[user][:pos]
+        positives = [x.item_id for x in earlier if x.rating >= POSITIVE_RATING]
+        return dataclasses.replace(sample, metadata={**sample.metadata, POSITIVES_KEY: positives})
+
+
+def check_config(cfg: Config) -> None:
+    """Recipe-level checks the generic config validation cannot make."""
+    if cfg.data.dataset != "movielens-100k":
+        raise ConfigError(f"data.dataset='{cfg.data.dataset}': {RECIPE} supports 'movielens-100k'.")
+    if cfg.algorithm.advantage != "hepo":
+        raise ConfigError(f"algorithm.advantage='{cfg.algorithm.advantage}': {RECIPE} is the HEPO recipe; set "
+                          "algorithm.advantage=hepo (or run sgrec_a2po for A2PO, rec_reasoning for GRPO).")
+
+
+def build_task(cfg: Config, model_path: str, part: str, data=None):
+    """The next-item task over `part` of the leave-last-out split, items shown as SIDs with titles (`data`: the
+    loaded MovieLens, loaded here when None)."""
+    from transformers import AutoTokenizer
+
+    from rl import assets
+    from rollouts.envs.rec import NextItemTask, RecData, SIDItemForm, leave_last_out
+    from rollouts.sid import SIDIndex
+
+    if cfg.rollout.sid_index is None:
+        raise ConfigError(f"{RECIPE} needs rollout.sid_index (and a model.path whose tokenizer holds its tokens). "
+                          "`recforge eval` reads both from a checkpoint's config: pass --checkpoint runs/<name>; for "
+                          "a bare model pass model.path=<run>/sid_model rollout.sid_index=<run>/sid_index.json.")
+    data = data or RecData.load_movielens(assets.require("data"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    form = SIDItemForm(SIDIndex.load(cfg.rollout.sid_index), data.items, with_title=True)
+    split = leave_last_out(data, min_history=cfg.data.history_len)
+    return NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, part=part,
+                        seed=cfg.run.seed)
+
+
+def build_evaluate(cfg: Config, model_path: str, data=None):
+    """The recipe's evaluation (rl/evaluation.py protocol): `recforge eval gpr_hepo --checkpoint ...`."""
+    check_config(cfg)
+    return make_evaluate(build_task(cfg, model_path, "valid", data), cfg)
+
+
+def level_coder(cfg: Config, model_path: str):
+    """HEPO's reader of generated SIDs (rollouts/sid_levels.py) over the run's index and the SID model's tokens."""
+    from transformers import AutoTokenizer
+
+    from rollouts.sid import SIDIndex
+    from rollouts.sid_levels import SIDLevelCoder
+
+    index = SIDIndex.load(cfg.rollout.sid_index)
+    coder = SIDLevelCoder(index, AutoTokenizer.from_pretrained(model_path).get_vocab(), positives_key=POSITIVES_KEY)
+    log.info("HEPO over %d semantic-ID levels (%d codes at most per level)", coder.num_levels, coder.num_codes)
+    return coder
+
+
+def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
+    """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, index, curves.png)."""
+    from rl import assets
+    from rl.plots import plot_run
+    from rl.trainer import Trainer, resolve_model_path
+    from rollouts.envs.rec import RecData
+
+    check_config(cfg)
+    run_dir = run_dir or Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = RecData.load_movielens(assets.require("data"))
+    index, index_path = sid_index(cfg, data, run_dir)
+    cfg = with_sid_paths(cfg, sid_model(resolve_model_path(cfg.model.path), index, run_dir, cfg.run.seed), index_path)
+    train = build_task(cfg, cfg.model.path, "train", data)
+    trainer = Trainer(cfg, HepoPrompts(train, cfg.data.max_train_users), run_dir=run_dir,
+                      evaluate=build_evaluate(cfg, cfg.model.path, data), callbacks=callbacks,
+                      level_coder=level_coder(cfg, cfg.model.path))
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
+    png = plot_run(trainer.run_dir)
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.startswith(("eval/", "reward/")))
+    print(f"\nRun finished: {trainer.run_dir}\n  {summary}\n  report: {png}")
+    return trainer.run_dir
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m recipes.{RECIPE}", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="debug", help=f"Config name under recipes/{RECIPE}/ or a YAML path.")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(resolve_config_path(RECIPE, args.config), args.overrides)
+        random.seed(cfg.run.seed)
+        main(cfg)
+    except ConfigError as err:
+        print(f"ConfigError: {err}", file=sys.stderr)
+        return 2
+    return 0
