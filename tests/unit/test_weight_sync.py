@@ -4,8 +4,12 @@ worker restart, path fallback when a push fails)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +273,27 @@ def test_broadcast_sync_joins_once_rejoins_after_restart_and_falls_back(tmp_path
         learners.leave_weight_group()
         pool.leave_weight_group()
         sync.close()
+
+
+def _stalled_receiver(port: int) -> None:
+    group = WeightGroup(host="127.0.0.1", port=port, rank=1, world_size=2, backend="gloo", timeout_s=60,
+                        device=torch.device("cpu"))
+    receive_plan(group)
+    time.sleep(120)  # takes no bucket: the sender blocks once the socket buffers are full, until this dies
+
+
+def test_a_receiver_killed_mid_push_fails_the_sender_at_once_not_at_the_timeout():
+    """What the broadcast transport's fallback relies on: a dead vLLM worker process does not hang the learner."""
+    port = free_port()
+    receiver = multiprocessing.get_context("spawn").Process(target=_stalled_receiver, args=(port,), daemon=True)
+    receiver.start()
+    group = WeightGroup(host="127.0.0.1", port=port, rank=0, world_size=2, backend="gloo", timeout_s=60,
+                        device=torch.device("cpu"))
+    threading.Timer(1.0, os.kill, args=(receiver.pid, signal.SIGKILL)).start()
+    weights = {f"w{i}": torch.zeros(1 << 20) for i in range(16)}  # 64 MB, far more than the socket buffers hold
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="(?i)connection|closed|reset"):
+        send_weights(group, weights.items(), policy_version=1, bucket_bytes=4 << 20)
+    assert time.perf_counter() - start < 20  # the group's timeout is 60 s
+    receiver.join(timeout=10)
+    group.close()
