@@ -106,7 +106,7 @@ def _print_list_plain(console: Console) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     console.print("Rewards (use the name in a recipe's reward.rewards[].name)", soft_wrap=True)
     for r in rows:
-        line = "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]
+        line = "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
         console.print(escape(line), soft_wrap=True)
     console.print("Ad-hoc rewards need no registration: name them 'package.module:function'.", soft_wrap=True)
     return 0

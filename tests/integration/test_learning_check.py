@@ -20,8 +20,8 @@ def test_rec_reasoning_learns_on_embedded_model():
     from recipes.rec_reasoning.main import main as run_recipe
 
     cfg = load_config(ROOT / "recipes/rec_reasoning/debug.yaml",
-                      ["run.num_steps=32", "run.save_every=4", "learner.gradient_checkpointing=true", "run.name=learning-check", "run.resume=auto",
-                       f"run.output_dir={ROOT / 'runs'}"])
+                      ["run.num_steps=32", "run.save_every=4", "learner.gradient_checkpointing=true",
+                       "run.name=learning-check", "run.resume=auto", f"run.output_dir={ROOT / 'runs'}"])
     run_dir = run_recipe(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = {r["step"]: r["reward/total"] for r in rows if "reward/total" in r}
