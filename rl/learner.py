@@ -326,16 +326,17 @@ class Learner:
     def export_weights(self, directory: str) -> dict[str, float]:
         """Write HF-named safetensors for vLLM's `reload_weights` (rank 0 writes; collective under ZeRO-3).
 
-        The bytes go from the parameters to the file once (`write_safetensors`); a tied lm_head is left out (the
-        rollout worker hands the embedding over for it, see rollouts/engine.py)."""
+        The bytes go from the parameters to the file once (`write_safetensors`), overwriting the directory's file in
+        place (the caller, `rl.weight_sync.PathWeightSync`, never has it read meanwhile); a tied lm_head is left out
+        (the rollout worker hands the embedding over for it, see rollouts/engine.py)."""
         module = self.engine.module
         num_bytes = 0
         with self._gathered(module):
             if self.rank == 0:
                 path = Path(directory)
                 path.mkdir(parents=True, exist_ok=True)
-                num_bytes = write_safetensors(path / "model.safetensors",
-                                              self._exported_tensors(module))
+                num_bytes = write_safetensors(path / "model.safetensors", self._exported_tensors(module),
+                                              in_place=True)
         return {"weight_sync/bytes": float(num_bytes)}
 
     # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync) -----------------------------------------------

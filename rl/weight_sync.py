@@ -70,12 +70,15 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write_safetensors(path: str | Path, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Write `named_tensors` as one safetensors file (atomically: a temp file, then rename); returns the data bytes.
+def write_safetensors(path: str | Path, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                      in_place: bool = False) -> int:
+    """Write `named_tensors` as one safetensors file; returns the data bytes.
 
     Unlike `safetensors.torch.save_file` it never clones or serialises a tensor to `bytes` first (the bytes go from
-    the parameter's storage to the file once), and two names may hold the same tensor (a tied `lm_head.weight` is
-    written as its own entry, which is what vLLM's reload of an untied copy needs).
+    the parameter's storage to the file once), and two names may hold the same tensor. By default the file is
+    replaced atomically (a temp file, then rename). `in_place=True` overwrites an existing file instead, reusing its
+    pages: in /dev/shm that halves the write (no fresh pages to allocate and zero, no old file to free), but a reader
+    must not be reading the file meanwhile (`PathWeightSync` alternates two slots to guarantee it).
     """
     entries = [(name, tensor) for name, tensor in named_tensors]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -88,13 +91,15 @@ def write_safetensors(path: str | Path, named_tensors: Iterable[tuple[str, torch
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
+    target = path if in_place else path.with_name(f".{path.name}.tmp")
+    with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as handle:
         handle.write(len(blob).to_bytes(8, "little"))
         handle.write(blob)
         for _, tensor in entries:
             handle.write(_as_bytes(tensor))
-    os.replace(tmp, path)
+        handle.truncate()  # a smaller file than the one overwritten: drop the old tail
+    if not in_place:
+        os.replace(target, path)
     return offset
 
 
@@ -367,8 +372,11 @@ def default_sync_root() -> Path:
 
 
 class PathWeightSync:
-    """safetensors in a RAM-backed directory + vLLM `reload_weights`. Keeps only the newest version on disk (a
-    restarted rollout worker re-applies it)."""
+    """safetensors in a RAM-backed directory + vLLM `reload_weights`.
+
+    Versions alternate between two slot directories, each file overwritten in place (`Learner.export_weights`): the
+    slot being written held the version before last, which nobody reads any more, while the other slot keeps the
+    newest version intact for a rollout worker that restarts (the pool re-applies it)."""
 
     def __init__(self, sync_dir: str | None = None) -> None:
         root = Path(sync_dir) if sync_dir else default_sync_root()
@@ -377,13 +385,12 @@ class PathWeightSync:
         self._current: Path | None = None
 
     def push(self, learners: WeightExporter, workers: WeightReceiver, policy_version: int) -> dict[str, float]:
-        directory = self.base / f"v{policy_version:06d}"
+        directory = self.base / f"slot{policy_version % 2}"
         start = time.perf_counter()
         metrics = dict(learners.export_weights(str(directory)))
         exported = time.perf_counter()
         metrics.update(workers.sync(str(directory), policy_version))
         done = time.perf_counter()
-        self._keep_only(directory)
         metrics["timing/weight_export"] = exported - start
         metrics["timing/weight_sync"] = done - start
         num_bytes = metrics.get("weight_sync/bytes", 0.0)
@@ -391,7 +398,8 @@ class PathWeightSync:
         return metrics
 
     def export_once(self, learners: WeightExporter, policy_version: int) -> str:
-        """Export `policy_version` into this transport's directory (for a restarted worker of another transport)."""
+        """Export `policy_version` into a directory of its own (for a restarted worker of another transport); only the
+        newest such export is kept."""
         directory = self.base / f"v{policy_version:06d}"
         if not (directory / "model.safetensors").is_file():
             learners.export_weights(str(directory))

@@ -93,6 +93,37 @@ def test_write_safetensors_roundtrip_with_alias(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
 
+def test_write_safetensors_in_place_overwrites_and_truncates(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, [("a", torch.ones(1000)), ("b", torch.ones(10))], in_place=True)
+    write_safetensors(path, [("a", torch.full((100,), 2.0))], in_place=True)  # smaller: the old tail must go
+    assert set(load_file(str(path))) == {"a"} and torch.equal(load_file(str(path))["a"], torch.full((100,), 2.0))
+
+
+def test_path_sync_alternates_slots_and_keeps_the_newest_version_intact(tmp_path):
+    class Exporter:
+        def export_weights(self, directory):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            num = write_safetensors(Path(directory) / "model.safetensors", [("w", torch.full((4,), float(version)))],
+                                    in_place=True)
+            return {"weight_sync/bytes": float(num)}
+
+    class Workers:
+        def sync(self, weights_dir, policy_version):
+            synced.append((weights_dir, policy_version))
+            return {}
+
+    synced: list[tuple[str, int]] = []
+    sync = PathWeightSync(str(tmp_path))
+    for version in (1, 2, 3):
+        sync.push(Exporter(), Workers(), version)
+    assert synced[0][0] == synced[2][0] != synced[1][0]  # v3 overwrote v1's slot
+    assert torch.equal(load_file(str(Path(synced[1][0]) / "model.safetensors"))["w"], torch.full((4,), 2.0))
+    assert torch.equal(load_file(str(Path(synced[2][0]) / "model.safetensors"))["w"], torch.full((4,), 3.0))
+    sync.close()
+    assert not sync.base.exists()
+
+
 def _receiver(port: int, rank: int, world: int, out: dict, tied: bool) -> None:
     group = WeightGroup(host="127.0.0.1", port=port, rank=rank, world_size=world, backend="gloo", timeout_s=60,
                         device=torch.device("cpu"))
