@@ -34,7 +34,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,24 @@ class SFTExample:
 
     prompt: str
     target: str
+
+
+class LazyExamples(Sequence[SFTExample]):
+    """`num` examples built on demand by `make(i)` (a 20k-pair source costs only the pairs a warm-start draws)."""
+
+    def __init__(self, num: int, make: Callable[[int], SFTExample]) -> None:
+        self.num = num
+        self.make = make
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.make(j) for j in range(*i.indices(self.num))]
+        if not -self.num <= i < self.num:
+            raise IndexError(i)
+        return self.make(i % self.num)
 
 
 @dataclass(frozen=True)
@@ -115,10 +133,11 @@ def target_logprobs_B(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Te
     return (picked_BK * (labels_BK != IGNORE)).sum(dim=1)
 
 
-def completion_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Token-mean cross-entropy over the batch's target tokens; (loss, number of target tokens)."""
+def completion_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean cross-entropy over the batch's target tokens; (loss, detached per-example summed NLL `nll_B`)."""
     num_tokens = int((batch["labels"] != IGNORE).sum())
-    return -target_logprobs_B(model, batch).sum() / max(num_tokens, 1), num_tokens
+    logprobs_B = target_logprobs_B(model, batch)
+    return -logprobs_B.sum() / max(num_tokens, 1), -logprobs_B.detach()
 
 
 @torch.no_grad()
@@ -162,12 +181,12 @@ def finetune(model: Any, tokenizer: Any, sources: Mapping[str, Sequence[SFTExamp
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     pad_id = _pad_id(tokenizer)
     losses: list[float] = []
-    per_source: dict[str, list[float]] = {}
+    per_source: dict[str, list[tuple[int, float, int]]] = {}  # (step, summed NLL, target tokens) per example
     bar = tqdm(range(cfg.num_steps), desc="sft", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         drawn = _draw(sources, weights, cfg.batch_size, rng)
         batch = collate([encode_example(tokenizer, e) for _, e in drawn], pad_id)
-        loss, _ = completion_loss(model, batch)
+        loss, nll_B = completion_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -175,8 +194,9 @@ def finetune(model: Any, tokenizer: Any, sources: Mapping[str, Sequence[SFTExamp
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-        for name in {n for n, _ in drawn}:
-            per_source.setdefault(name, []).append(losses[-1])
+        num_targets_B = (batch["labels"] != IGNORE).sum(dim=1).tolist()
+        for (name, _), nll, count in zip(drawn, nll_B.tolist(), num_targets_B, strict=True):
+            per_source.setdefault(name, []).append((len(losses), nll, count))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"SFT loss became {losses[-1]} at step {len(losses)}; lower sft.lr.")
@@ -184,8 +204,10 @@ def finetune(model: Any, tokenizer: Any, sources: Mapping[str, Sequence[SFTExamp
     tail = losses[-10:]
     metrics = {"sft/num_steps": float(len(losses)), "sft/loss_first": losses[0] if losses else float("nan"),
                "sft/loss_last10": sum(tail) / len(tail) if tail else float("nan")}
-    for name, values in per_source.items():  # losses of the batches that held that source (last 10 of them)
-        metrics[f"sft/loss_last10_{name}"] = sum(values[-10:]) / len(values[-10:])
+    for name, rows in per_source.items():  # token-mean loss of that source's examples in the last 10 steps
+        recent = [(nll, count) for step, nll, count in rows if step > len(losses) - 10]
+        if recent:
+            metrics[f"sft/loss_last10_{name}"] = sum(n for n, _ in recent) / max(sum(c for _, c in recent), 1)
     return metrics
 
 

@@ -3,19 +3,26 @@
 Items get semantic IDs by residual k-means over their MiniLM text embeddings (rollouts/sid.py; `data.sid_levels`
 levels of `data.sid_codes_per_level` codes, or an index JSON of your own via `rollout.sid_index`); the index is saved
 as `{run_dir}/sid_index.json` and read back when the run resumes. The SID tokens are added to the tokenizer and the
-model's embeddings (`{run_dir}/sid_model`). The prompt lists the user's history as "<a_3><b_17><c_5> Title (Year)
+model's embeddings (`{run_dir}/sid_model`). With `sft.num_steps > 0` (debug.yaml) a supervised warm-start (rl/sft.py,
+cached in `{run_dir}/sft_model`) then teaches the new tokens: user history -> the next item's SID on the training
+targets, mixed with item title <-> SID alignment pairs (`sft.alignment_fraction`); RL and its KL reference start from
+that model. The prompt lists the user's history as "<a_3><b_17><c_5> Title (Year)
 [Genres]" and asks for the next movie's SID; generation is trie-constrained inside vLLM, so every completion is one
 real item. Rewards (debug.yaml): `ecpm` (business value of the generated item, min-max within the group) and
 `semantic_judge` (an LLM judge of profile fit, future interest, novelty and context, weighted by w(x)) on a sampled
 fraction of rollouts. A2PO (`algorithm.advantage: a2po`, rl/advantages.py) standardises both within the group and
 adds λ·A_sem to A_biz only where the signs agree, so the judge can sharpen but never overturn the business signal;
 unjudged rollouts keep A_biz. The judge's weight in `reward.rewards` is 0: `reward/total` is the business reward.
-Evaluation on held-out users' next (validation) item: greedy constrained generation, HR@1, and the share and
-diversity of the generated items.
+Evaluation on held-out users' next (validation) item over the whole catalogue: the greedy constrained SID is rank 1,
+then the distinct items among 2·max(K) constrained samples (at rollout.temperature) ranked by their sampled SID
+log-probability — a sampled stand-in for TIGER's trie beam search (rollouts/sid_trie.py has the exact transformers
+beam search, but during training the weights live in the vLLM workers) — giving HR@K and NDCG@K for `data.eval_k`,
+plus the share of valid SIDs and of distinct greedy items.
 
 Local (CPU or one GPU, everything colocated):
     recforge run sgrec_a2po --config debug [run.num_steps=30 ...]
     python -m recipes.sgrec_a2po --config debug
+    recforge eval sgrec_a2po --checkpoint runs/sgrec_a2po-debug      # uses the run's index and SID model
 On a Ray cluster (token authentication on; see cluster/README.md):
     ray job submit --address $RAY_ADDRESS --working-dir . -- \
         python -m recipes.sgrec_a2po --config recipes/sgrec_a2po/cluster.yaml cluster.address=auto
@@ -23,8 +30,8 @@ On a Ray cluster (token authentication on; see cluster/README.md):
 How it differs from S-GRec: the paper post-trains a generative recommender already fine-tuned on SIDs (RQ-VAE codes)
 over an industrial log with real bids and a large judge; here the SIDs are training-free residual k-means codes,
 the bids are SYNTHETIC (rewards/ecpm.py: MovieLens has no ads), pCTR is a small DeepFM trained on MovieLens, the judge
-is the embedded 135M model (debug: uniform aspect weights w, a quarter of the rollouts judged), and RL starts from
-freshly added SID embeddings without an SFT warm-start, so expect reward movement rather than the paper's HR gains.
+is the embedded 135M model (debug: uniform aspect weights w, a quarter of the rollouts judged), and the SFT
+warm-start is a short one on 2 CPU cores, so expect modest HR@K rather than the paper's gains.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import random
 import sys
 from pathlib import Path
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 RECIPE = "sgrec_a2po"
 INDEX_FILE = "sid_index.json"
 MODEL_DIR = "sid_model"
+SFT_DIR = "sft_model"
 
 
 class TrainPrompts:
@@ -118,30 +127,122 @@ def with_sid_paths(cfg: Config, model_path: str, index_path: Path) -> Config:
         reward=dataclasses.replace(cfg.reward, rewards=specs))
 
 
-def make_evaluate(task, cfg: Config):
-    """Greedy constrained next-item generation for held-out users: HR@1, valid and distinct item shares."""
-    samples = task.samples(limit=cfg.data.num_eval_users, seed=cfg.run.seed + 17)
+def build_tasks(cfg: Config, data, index, model_path: str):
+    """(render, train task, validation task): next-item prompts in SID form (with titles), leave-last-out split."""
+    from transformers import AutoTokenizer
 
-    def evaluate(trainer, step: int) -> dict[str, float]:
-        rollouts = trainer.pool.generate_greedy(samples, max_new_tokens=cfg.rollout.max_new_tokens)
-        items = [task.form.index.parse(r.text) for r in rollouts]
-        got = [found[0] if len(found) == 1 else None for found in items]
-        hits = [item == r.sample.metadata["item_id"] for item, r in zip(got, rollouts, strict=True)]
-        valid = [item for item in got if item is not None]
-        return {"eval/hr@1": sum(hits) / len(hits), "eval/valid_sid_frac": len(valid) / len(got),
-                "eval/distinct_items_frac": len(set(valid)) / max(len(valid), 1)}
+    from rollouts.envs.rec import NextItemTask, SIDItemForm, leave_last_out
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    split = leave_last_out(data, min_history=cfg.data.history_len)
+    form = SIDItemForm(index, data.items, with_title=True)
+    train = NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, seed=cfg.run.seed)
+    valid = NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, part="valid",
+                         seed=cfg.run.seed)
+    return render, train, valid
+
+
+def sft_warm_start(cfg: Config, model_path: str, prompts: TrainPrompts, data, index, render, run_dir: Path) -> str:
+    """The SFT warm-start model (rl/sft.py; built once in {run_dir}/sft_model), or `model_path` when sft is off."""
+    from rl.sft import LazyExamples, SFTExample, warm_start
+    from rollouts.envs.rec import sid_alignment_pairs
+
+    if cfg.sft.num_steps == 0:
+        return model_path
+
+    def next_item(i: int) -> SFTExample:
+        sample = prompts.sample(i)
+        return SFTExample(prompt=sample.prompt, target=sample.metadata["answer"])
+
+    pairs = sid_alignment_pairs(index, data.items)
+    sources = {"next_item": LazyExamples(len(prompts), next_item),
+               "alignment": LazyExamples(len(pairs), lambda i: SFTExample(render(pairs[i][0]), pairs[i][1]))}
+    weights = {"next_item": 1.0 - cfg.sft.alignment_fraction, "alignment": cfg.sft.alignment_fraction}
+    result = warm_start(model_path, sources, weights, run_dir / SFT_DIR, cfg=cfg.sft, seed=cfg.run.seed,
+                        progress=cfg.logging.progress_bar)
+    return result.model_path
+
+
+def rank_items(greedy, sampled) -> list:
+    """The evaluation's ranked list: the greedy item first, then each distinct sampled item by its best SID log-prob
+    (descending; ties by first appearance). `greedy`: an item or None; `sampled`: (item or None, log-prob) pairs."""
+    best: dict = {}
+    for item, logprob in sampled:
+        if item is not None and item != greedy and logprob > best.get(item, -math.inf):
+            best[item] = logprob
+    order = sorted(best, key=lambda item: -best[item])  # stable: ties keep first appearance
+    return ([greedy] if greedy is not None else []) + order
+
+
+def make_evaluate(task, cfg: Config):
+    """HR@K and NDCG@K of held-out users' next item over the catalogue (see the module docstring), valid and distinct
+    item shares; HR@1 is the greedy SID's hit rate."""
+    samples = task.samples(limit=cfg.data.num_eval_users, seed=cfg.run.seed + 17)
+    max_k = max(cfg.data.eval_k)
+    repeats = math.ceil(2 * max_k / cfg.rollout.num_samples_per_prompt) if max_k > 1 else 0
+    copies = [dataclasses.replace(s, sample_id=f"{s.sample_id}#{r}") for r in range(repeats) for s in samples]
+    parse = lambda text: (lambda found: found[0] if len(found) == 1 else None)(task.form.index.parse(text))
+
+    def evaluate(policy, step: int) -> dict[str, float]:
+        greedy_rollouts = policy.pool.generate_greedy(samples, max_new_tokens=cfg.rollout.max_new_tokens)
+        greedy = [parse(r.text) for r in greedy_rollouts]
+        sampled: list[list] = [[] for _ in samples]
+        if copies:
+            group = cfg.rollout.num_samples_per_prompt
+            rollouts = policy.pool.generate(copies, policy_version=policy.pool.policy_version, seed=cfg.run.seed + 17)
+            for c, rollout in enumerate(rollouts):  # G per copy in input order; copy c // G is sample (c // G) % N
+                sampled[(c // group) % len(samples)].append((parse(rollout.text), sum(rollout.logprobs)))
+        out: dict[str, float] = {}
+        ranks = []
+        for sample, first, draws in zip(samples, greedy, sampled, strict=True):
+            ranked = rank_items(first, draws)
+            target = sample.metadata["item_id"]
+            ranks.append(ranked.index(target) if target in ranked else None)
+        for k in cfg.data.eval_k:
+            out[f"eval/hr@{k}"] = sum(r is not None and r < k for r in ranks) / len(ranks)
+            out[f"eval/ndcg@{k}"] = sum(1 / math.log2(r + 2) for r in ranks if r is not None and r < k) / len(ranks)
+        valid = [item for item in greedy if item is not None]
+        out.update({"eval/valid_sid_frac": len(valid) / len(greedy),
+                    "eval/distinct_items_frac": len(set(valid)) / max(len(valid), 1)})
+        return out
 
     return evaluate
 
 
-def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
-    """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, index, curves.png)."""
+def build_evaluate(cfg: Config, model_path: str):
+    """The recipe's evaluation (rl/evaluation.py protocol): `recforge eval sgrec_a2po --checkpoint RUN_DIR`.
+
+    Needs the run's index and SID-extended model, which the checkpoint's own config names (rollout.sid_index and
+    model.path, set by `main`); the checkpoint's weights then load into that model with the same vocabulary size.
+    """
     from transformers import AutoTokenizer
 
     from rl import assets
+    from rollouts.envs.rec import RecData
+    from rollouts.sid import SIDIndex
+
+    if cfg.rollout.sid_index is None:
+        raise ConfigError(f"{RECIPE} evaluation needs the run's semantic-ID index: evaluate a run's checkpoint with "
+                          "its own config (omit --config), or set rollout.sid_index=<run>/sid_index.json and "
+                          "model.path=<run>/sft_model (or <run>/sid_model).")
+    index = SIDIndex.load(cfg.rollout.sid_index)
+    vocab = AutoTokenizer.from_pretrained(model_path).get_vocab()
+    missing = [token for token in index.tokens() if token not in vocab]
+    if missing:
+        raise ConfigError(f"model.path={model_path} lacks {len(missing)} SID tokens of {cfg.rollout.sid_index} "
+                          f"(first: {missing[:3]}): point model.path at the run's {SFT_DIR} or {MODEL_DIR}.")
+    data = RecData.load_movielens(assets.require("data"))
+    _, _, valid = build_tasks(cfg, data, index, model_path)
+    return make_evaluate(valid, cfg)
+
+
+def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
+    """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, index, curves.png)."""
+    from rl import assets
     from rl.plots import plot_run
     from rl.trainer import Trainer, resolve_model_path
-    from rollouts.envs.rec import NextItemTask, RecData, SIDItemForm, leave_last_out
+    from rollouts.envs.rec import RecData
 
     if cfg.data.dataset != "movielens-100k":
         raise ConfigError(f"data.dataset='{cfg.data.dataset}': {RECIPE} supports 'movielens-100k'.")
@@ -149,16 +250,11 @@ def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = RecData.load_movielens(assets.require("data"))
     index, index_path = sid_index(cfg, data, run_dir)
-    cfg = with_sid_paths(cfg, sid_model(resolve_model_path(cfg.model.path), index, run_dir, cfg.run.seed), index_path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    split = leave_last_out(data, min_history=cfg.data.history_len)
-    form = SIDItemForm(index, data.items, with_title=True)
-    train = NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, seed=cfg.run.seed)
-    valid = NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, part="valid",
-                         seed=cfg.run.seed)
-    trainer = Trainer(cfg, TrainPrompts(train, cfg.data.max_train_users), run_dir=run_dir,
-                      evaluate=make_evaluate(valid, cfg), callbacks=callbacks)
+    model_path = sid_model(resolve_model_path(cfg.model.path), index, run_dir, cfg.run.seed)
+    render, train, valid = build_tasks(cfg, data, index, model_path)
+    prompts = TrainPrompts(train, cfg.data.max_train_users)
+    cfg = with_sid_paths(cfg, sft_warm_start(cfg, model_path, prompts, data, index, render, run_dir), index_path)
+    trainer = Trainer(cfg, prompts, run_dir=run_dir, evaluate=make_evaluate(valid, cfg), callbacks=callbacks)
     try:
         metrics = trainer.fit()
     finally:

