@@ -87,3 +87,12 @@ def test_build_evaluate_without_the_runs_index_says_what_to_pass():
 
     with pytest.raises(ConfigError, match="rollout.sid_index=<run>/sid_index.json"):
         build_evaluate(Config(), "unused")
+
+
+def test_build_evaluate_refuses_a_model_without_the_sid_tokens(tiny_model_dir, tmp_path):
+    from recipes.sgrec_a2po.main import build_evaluate
+
+    index_path = str(INDEX.save(tmp_path / "sid_index.json"))
+    cfg = Config(rollout=RolloutConfig(sid_index=index_path))
+    with pytest.raises(ConfigError, match="lacks 4 SID tokens"):
+        build_evaluate(cfg, str(tiny_model_dir))
