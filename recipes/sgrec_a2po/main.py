@@ -23,6 +23,7 @@ Local (CPU or one GPU, everything colocated):
     recforge run sgrec_a2po --config debug [run.num_steps=30 ...]
     python -m recipes.sgrec_a2po --config debug
     recforge eval sgrec_a2po --checkpoint runs/sgrec_a2po-debug      # uses the run's index and SID model
+    recforge eval sgrec_a2po --config runs/sgrec_a2po-debug/config.yaml  # the starting (SFT) model, for comparison
 On a Ray cluster (token authentication on; see cluster/README.md):
     ray job submit --address $RAY_ADDRESS --working-dir . -- \
         python -m recipes.sgrec_a2po --config recipes/sgrec_a2po/cluster.yaml cluster.address=auto
