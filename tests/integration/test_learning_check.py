@@ -13,7 +13,7 @@ import pytest
 from rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(7200)]  # ~30-60 min on 2 cores
 
 
 def test_rec_reasoning_learns_on_embedded_model():
