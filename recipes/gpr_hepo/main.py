@@ -12,8 +12,10 @@ the popularity of level-l codes among the user's positive items (earlier interac
 the trie allowed after the chosen prefix; the last level earns the business value r_L = `ecpm` of the generated item
 (min-max within the request). A value head on the policy's final hidden states gives V(s_l); advantages are
 GAE(γ, λ) for l < L and the z-score of r_L over the request's K candidates at l = L; the loss is the clipped policy
-loss per level weighted c_l plus the value loss. Evaluation on held-out users' next (validation) item: greedy
-constrained generation, HR@1 and the share of valid and of distinct generated items.
+loss per level weighted c_l plus the value loss. Optional SFT warm-start first (`sft.num_steps`, rl/sft.py: history
+→ next SID plus title ↔ SID pairs), as in sgrec_a2po. Evaluation on held-out users' next (validation) item, shared
+with sgrec_a2po: HR@K/NDCG@K over the catalogue (greedy constrained SID first, then constrained samples by log-prob)
+and the share of valid and of distinct generated items.
 
 Local (CPU or one GPU, everything colocated):
     recforge run gpr_hepo --config debug [run.num_steps=30 ...]
@@ -29,8 +31,8 @@ industrial logs with semantic IDs from a learned multimodal tokenizer, and HEPO'
 real business value. Here the SIDs are training-free residual k-means codes of MiniLM text embeddings (colliding
 items get an extra level, so usually L = data.sid_levels + 1), the bids are SYNTHETIC (rewards/ecpm.py: MovieLens
 has no ads) with a small DeepFM pCTR, the positives are MovieLens ratings >= 4, and RL starts from freshly added SID
-embeddings on the embedded 135M model without the paper's pre-training stages, so expect reward movement rather
-than the paper's gains.
+embeddings on the embedded 135M model (after a short SFT warm-start at most) without the paper's pre-training
+stages, so expect reward movement rather than the paper's gains.
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ import random
 import sys
 from pathlib import Path
 
-from recipes.sgrec_a2po.main import TrainPrompts, make_evaluate, sid_index, sid_model, with_sid_paths
+from recipes.sgrec_a2po.main import (
+    TrainPrompts,
+    build_tasks,
+    make_evaluate,
+    sft_warm_start,
+    sid_index,
+    sid_model,
+    with_sid_paths,
+)
+from recipes.sgrec_a2po.main import build_evaluate as build_sid_evaluate
 from rl.config import Config, ConfigError, load_config, resolve_config_path
 from rl.types import Sample
 
@@ -53,14 +64,21 @@ POSITIVE_RATING = 4
 POSITIVES_KEY = "positive_items"
 
 
-class HepoPrompts(TrainPrompts):
-    """`TrainPrompts` whose samples also list the user's positive items before the target (`positive_items`)."""
+class HepoPrompts:
+    """The trainer's `PromptSource`: sgrec_a2po's `TrainPrompts`, each sample also listing the user's positive items
+    before the target (`positive_items`: earlier interactions rated >= POSITIVE_RATING)."""
+
+    def __init__(self, task, max_users: int) -> None:
+        self.task = task
+        self.prompts = TrainPrompts(task, max_users)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     def sample(self, index: int) -> Sample:
-        sample = super().sample(index)
-        user, pos = self.task.targets[self.positions[index]]
-        earlier = self.task.data.by_user[user][:pos]
-        positives = [x.item_id for x in earlier if x.rating >= POSITIVE_RATING]
+        sample = self.prompts.sample(index)
+        user, pos = self.task.targets[self.prompts.positions[index]]
+        positives = [x.item_id for x in self.task.data.by_user[user][:pos] if x.rating >= POSITIVE_RATING]
         return dataclasses.replace(sample, metadata={**sample.metadata, POSITIVES_KEY: positives})
 
 
@@ -73,32 +91,11 @@ def check_config(cfg: Config) -> None:
                           "algorithm.advantage=hepo (or run sgrec_a2po for A2PO, rec_reasoning for GRPO).")
 
 
-def build_task(cfg: Config, model_path: str, part: str, data=None):
-    """The next-item task over `part` of the leave-last-out split, items shown as SIDs with titles (`data`: the
-    loaded MovieLens, loaded here when None)."""
-    from transformers import AutoTokenizer
-
-    from rl import assets
-    from rollouts.envs.rec import NextItemTask, RecData, SIDItemForm, leave_last_out
-    from rollouts.sid import SIDIndex
-
-    if cfg.rollout.sid_index is None:
-        raise ConfigError(f"{RECIPE} needs rollout.sid_index (and a model.path whose tokenizer holds its tokens). "
-                          "`recforge eval` reads both from a checkpoint's config: pass --checkpoint runs/<name>; for "
-                          "a bare model pass model.path=<run>/sid_model rollout.sid_index=<run>/sid_index.json.")
-    data = data or RecData.load_movielens(assets.require("data"))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    form = SIDItemForm(SIDIndex.load(cfg.rollout.sid_index), data.items, with_title=True)
-    split = leave_last_out(data, min_history=cfg.data.history_len)
-    return NextItemTask(data, split, render, form=form, history_len=cfg.data.history_len, part=part,
-                        seed=cfg.run.seed)
-
-
-def build_evaluate(cfg: Config, model_path: str, data=None):
-    """The recipe's evaluation (rl/evaluation.py protocol): `recforge eval gpr_hepo --checkpoint ...`."""
+def build_evaluate(cfg: Config, model_path: str):
+    """The recipe's evaluation (rl/evaluation.py protocol): `recforge eval gpr_hepo --checkpoint RUN_DIR` (the
+    checkpoint's own config names the run's SID index and model). Same metrics as sgrec_a2po's."""
     check_config(cfg)
-    return make_evaluate(build_task(cfg, model_path, "valid", data), cfg)
+    return build_sid_evaluate(cfg, model_path)
 
 
 def level_coder(cfg: Config, model_path: str):
@@ -126,10 +123,11 @@ def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = RecData.load_movielens(assets.require("data"))
     index, index_path = sid_index(cfg, data, run_dir)
-    cfg = with_sid_paths(cfg, sid_model(resolve_model_path(cfg.model.path), index, run_dir, cfg.run.seed), index_path)
-    train = build_task(cfg, cfg.model.path, "train", data)
-    trainer = Trainer(cfg, HepoPrompts(train, cfg.data.max_train_users), run_dir=run_dir,
-                      evaluate=build_evaluate(cfg, cfg.model.path, data), callbacks=callbacks,
+    model_path = sid_model(resolve_model_path(cfg.model.path), index, run_dir, cfg.run.seed)
+    render, train, valid = build_tasks(cfg, data, index, model_path)
+    prompts = HepoPrompts(train, cfg.data.max_train_users)
+    cfg = with_sid_paths(cfg, sft_warm_start(cfg, model_path, prompts, data, index, render, run_dir), index_path)
+    trainer = Trainer(cfg, prompts, run_dir=run_dir, evaluate=make_evaluate(valid, cfg), callbacks=callbacks,
                       level_coder=level_coder(cfg, cfg.model.path))
     try:
         metrics = trainer.fit()

@@ -51,6 +51,7 @@ def hepo_run(ray_local, tiny_model_dir, ctr_model_dir, tmp_path_factory):
         "data.sid_codes_per_level=8", "rollout.num_prompts_per_step=2", "rollout.kv_cache_gib=0.5",
         f"reward.rewards.0.kwargs.ctr_model={ctr_model_dir}", "learner.lr=1e-3", "logging.tensorboard=false",
         "logging.progress_bar=false", "run.num_steps=2", "run.save_every=0", "run.eval_every=0",
+        "sft.num_steps=0",  # the SFT warm-start is covered by test_sgrec_a2po.py
     ]
     cfg = load_config(ROOT / "recipes/gpr_hepo/debug.yaml", overrides)
     return cfg, run_recipe(cfg, run_dir=tmp_path_factory.mktemp("gpr_hepo") / "run")

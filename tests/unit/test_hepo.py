@@ -247,7 +247,7 @@ def test_gpr_hepo_recipe_config_and_evaluation_entry_point():
     cfg = load_config(ROOT / "recipes/gpr_hepo/debug.yaml")
     assert cfg.algorithm.advantage == "hepo" and cfg.rollout.num_samples_per_prompt >= 2
     load_config(ROOT / "recipes/gpr_hepo/cluster.yaml")
-    with pytest.raises(ConfigError, match="needs rollout.sid_index"):  # a bare base model has no SID tokens
+    with pytest.raises(ConfigError, match="needs the run's semantic-ID index"):  # a bare base model has no SID tokens
         recipe.build_evaluate(cfg, "unused")
     with pytest.raises(ConfigError, match="is the HEPO recipe"):
         recipe.check_config(load_config(ROOT / "recipes/gpr_hepo/debug.yaml", ["algorithm.advantage=grpo"]))
