@@ -106,7 +106,7 @@ class TrajectoryTrainer(Trainer):
     last_trajectories: list[Trajectory] | None = None
     last_train_batch: TrainBatch | None = None
 
-    def _learn(self, scored: Sequence[ScoredRollout], step: int) -> dict[str, float]:
+    def _learn(self, scored: Sequence[ScoredRollout], step: int, kl_coef: float | None = None) -> dict[str, float]:
         algo = self.cfg.algorithm
         rollouts = [s.rollout for s in scored]
         group_of: dict[str, int] = {}
@@ -119,7 +119,7 @@ class TrajectoryTrainer(Trainer):
         batch = build_train_batch(scored, advantages_B)
         self.last_train_batch = batch
         t0 = time.perf_counter()
-        metrics = self.learners.train(batch, entropy_coef=algo.entropy_coef)
+        metrics = self.learners.train(batch, entropy_coef=algo.entropy_coef, kl_coef=kl_coef)
         metrics["timing/train"] = time.perf_counter() - t0
         metrics.update({k: float(v) for k, v in adv_metrics.items()})
         metrics["train/num_sequences"] = float(batch.num_sequences)
