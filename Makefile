@@ -43,7 +43,8 @@ lint: venv
 	$(BIN)/ruff check .
 
 bench: prepare
-	$(BIN)/pip install -q -e ".[$(EXTRA),test,bench]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),gui,test,bench]"
+	$(if $(HAS_CUDA),,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true)
 	$(BIN)/python -m bench.run_all
 
 clean-venv:
