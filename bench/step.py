@@ -313,6 +313,9 @@ def main() -> None:
     if ours.get("ok") or trl_.get("ok"):
         plot_step(result, png_path("step", args.quick))
     write_result("step", result, quick=args.quick)
+    failed = [which for which in ("recforge", "trl") if not result.get(which, {}).get("ok")]
+    if failed:  # the JSON keeps the errors; a non-zero exit makes run_all report the benchmark as failed
+        raise SystemExit(f"bench.step: {', '.join(failed)} failed; see the errors in the result JSON")
 
 
 if __name__ == "__main__":
