@@ -37,13 +37,11 @@ stages, so expect reward movement rather than the paper's gains.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import random
-import sys
 from pathlib import Path
 
+from recipes.common import fit_and_report, recipe_cli
 from recipes.sgrec_a2po.main import (
     TrainPrompts,
     build_tasks,
@@ -54,7 +52,7 @@ from recipes.sgrec_a2po.main import (
     with_sid_paths,
 )
 from recipes.sgrec_a2po.main import build_evaluate as build_sid_evaluate
-from rl.config import Config, ConfigError, load_config, resolve_config_path
+from rl.config import Config, ConfigError
 from rl.types import Sample
 
 log = logging.getLogger(__name__)
@@ -114,7 +112,6 @@ def level_coder(cfg: Config, model_path: str):
 def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, index, curves.png)."""
     from rl import assets
-    from rl.plots import plot_run
     from rl.trainer import Trainer, resolve_model_path
     from rollouts.envs.rec import RecData
 
@@ -129,27 +126,8 @@ def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     cfg = with_sid_paths(cfg, sft_warm_start(cfg, model_path, prompts, data, index, render, run_dir), index_path)
     trainer = Trainer(cfg, prompts, run_dir=run_dir, evaluate=make_evaluate(valid, cfg), callbacks=callbacks,
                       level_coder=level_coder(cfg, cfg.model.path))
-    try:
-        metrics = trainer.fit()
-    finally:
-        trainer.close()
-    png = plot_run(trainer.run_dir)
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.startswith(("eval/", "reward/")))
-    print(f"\nRun finished: {trainer.run_dir}\n  {summary}\n  report: {png}")
-    return trainer.run_dir
+    return fit_and_report(trainer, summary_prefixes=("eval/", "reward/"))
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{RECIPE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="debug", help=f"Config name under recipes/{RECIPE}/ or a YAML path.")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(resolve_config_path(RECIPE, args.config), args.overrides)
-        random.seed(cfg.run.seed)
-        main(cfg)
-    except ConfigError as err:
-        print(f"ConfigError: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return recipe_cli(RECIPE, __doc__, main, argv)

@@ -29,12 +29,11 @@ evaluation. The 135M embedded model learns the answer format and little else; ex
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-from rl.config import Config, ConfigError, load_config, resolve_config_path
+from recipes.common import fit_and_report, recipe_cli
+from rl.config import Config, ConfigError
 from rl.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,6 @@ def build_evaluate(cfg: Config, model_path: str):
 
 def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, curves.png)."""
-    from rl.plots import plot_run
     from rl.trainer import Trainer, resolve_model_path
 
     if not cfg.curriculum.stages:
@@ -128,26 +126,8 @@ def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     sources = {stage.data_filter or stage.name: task.source(stage.data_filter or stage.name)
                for stage in cfg.curriculum.stages}
     trainer = Trainer(cfg, sources, run_dir=run_dir, evaluate=make_evaluate(task, cfg), callbacks=callbacks)
-    try:
-        metrics = trainer.fit()
-    finally:
-        trainer.close()
-    png = plot_run(trainer.run_dir)
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.startswith(("eval/", "reward/total")))
-    print(f"\nRun finished: {trainer.run_dir}\n  {summary}\n  report: {png}")
-    return trainer.run_dir
+    return fit_and_report(trainer)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{RECIPE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="debug", help=f"Config name under recipes/{RECIPE}/ or a YAML path.")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(resolve_config_path(RECIPE, args.config), args.overrides)
-        main(cfg)
-    except ConfigError as err:
-        print(f"ConfigError: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return recipe_cli(RECIPE, __doc__, main, argv)

@@ -37,15 +37,13 @@ warm-start is a short one on 2 CPU cores, so expect modest HR@K rather than the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
-import random
-import sys
 from pathlib import Path
 
-from rl.config import Config, ConfigError, load_config, resolve_config_path
+from recipes.common import fit_and_report, recipe_cli
+from rl.config import Config, ConfigError
 from rl.types import Sample
 
 log = logging.getLogger(__name__)
@@ -241,7 +239,6 @@ def build_evaluate(cfg: Config, model_path: str):
 def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     """Train with `cfg`; returns the run directory (config, metrics, rollouts, checkpoints, index, curves.png)."""
     from rl import assets
-    from rl.plots import plot_run
     from rl.trainer import Trainer, resolve_model_path
     from rollouts.envs.rec import RecData
 
@@ -256,27 +253,8 @@ def main(cfg: Config, *, run_dir: Path | None = None, callbacks=()) -> Path:
     prompts = TrainPrompts(train, cfg.data.max_train_users)
     cfg = with_sid_paths(cfg, sft_warm_start(cfg, model_path, prompts, data, index, render, run_dir), index_path)
     trainer = Trainer(cfg, prompts, run_dir=run_dir, evaluate=make_evaluate(valid, cfg), callbacks=callbacks)
-    try:
-        metrics = trainer.fit()
-    finally:
-        trainer.close()
-    png = plot_run(trainer.run_dir)
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.startswith(("eval/", "reward/")))
-    print(f"\nRun finished: {trainer.run_dir}\n  {summary}\n  report: {png}")
-    return trainer.run_dir
+    return fit_and_report(trainer, summary_prefixes=("eval/", "reward/"))
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{RECIPE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="debug", help=f"Config name under recipes/{RECIPE}/ or a YAML path.")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(resolve_config_path(RECIPE, args.config), args.overrides)
-    except ConfigError as err:
-        print(f"ConfigError: {err}", file=sys.stderr)
-        return 2
-    random.seed(cfg.run.seed)
-    main(cfg)
-    return 0
+    return recipe_cli(RECIPE, __doc__, main, argv)
