@@ -6,7 +6,6 @@ Every test that takes the `backend`/`device` fixtures is re-run on the Triton ke
 
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from rl.kernels import IGNORE_INDEX, FusedKernelArgumentError, fused_logprob_entropy, fused_logprob_entropy_zero3
+from rl.kernels import IGNORE_INDEX, FusedKernelArgumentError, fused_logprob_entropy
 from rl.kernels.reference import naive_logprob_entropy
 
 N, H, V = 48, 32, 1000  # V is not a multiple of any block size: partial vocabulary tiles and chunks everywhere
@@ -194,38 +193,6 @@ def test_bfloat16_inputs(backend, device):
 # ------------------------------------------------------------------------------------- chunked-backend-only checks
 
 
-class FakeZero3:
-    """Mimics a ZeRO-3 partitioned parameter: full data only inside `gather([param])`, an empty shard outside."""
-
-    def __init__(self, param: torch.nn.Parameter):
-        self.param, self.full, self.num_gathers = param, param.data, 0
-        param.data = torch.empty(0)
-
-    @contextlib.contextmanager
-    def gather(self, params):
-        assert params == [self.param]
-        self.num_gathers += 1
-        self.param.data = self.full
-        try:
-            yield
-        finally:
-            self.param.data = torch.empty(0)
-
-
-def test_zero3_helper_gathers_for_forward_and_again_for_backward():
-    hidden, weight, targets, upstream = make_inputs("cpu", seed=9)
-    want = run(hidden, weight, targets, upstream, 0.9)
-    param = torch.nn.Parameter(weight.clone())
-    zero3 = FakeZero3(param)
-    hidden = hidden.clone().requires_grad_()
-    logprob, entropy = fused_logprob_entropy_zero3(hidden, param, targets, 0.9, gather_params=zero3.gather)
-    assert zero3.num_gathers == 1 and param.numel() == 0  # released between forward and backward
-    (logprob * upstream[0] + entropy * upstream[1]).sum().backward()
-    assert zero3.num_gathers == 2
-    for got, expected in zip((logprob, entropy, hidden.grad, param.grad), want, strict=True):
-        torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-7)
-
-
 def test_bad_arguments_raise_clear_errors():
     hidden, weight, targets, _ = make_inputs("cpu", seed=10)
     bad_targets = targets.clone()
@@ -296,6 +263,8 @@ print(json.dumps({
 """
 
 
+# The default run covers the ZeRO-3 gather with real DeepSpeed in tests/integration/test_learner.py (stage 3: the fused
+# kernel on a gathered tied lm_head, micro-batches equal to the full-batch update); this one also checks the release.
 @pytest.mark.slow
 def test_zero3_helper_with_real_deepspeed_matches_unpartitioned_gradients():
     """One rank, gloo, ZeRO-3 with every parameter partitioned: the lm_head weight is an empty shard between forward
