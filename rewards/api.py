@@ -33,7 +33,7 @@ import keyword
 import logging
 import numbers
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -231,14 +231,23 @@ def _load_builtins() -> None:
                            module, _builtin_errors[module])
 
 
-def installed_entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
-    """Entry points of the group `recforge.rewards` by name (a list: two distributions may claim one name)."""
-    importlib.invalidate_caches()  # a plugin pip-installed after start-up must still be found
+Plugins = Mapping[str, list[importlib.metadata.EntryPoint]]
+"""Plugin entry points by name (a list: two distributions may claim one name)."""
+
+
+def group_entry_points(eps: Iterable[importlib.metadata.EntryPoint]) -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """`eps` by name; one entry per distinct target (a distribution seen twice on sys.path is listed once)."""
     found: dict[str, list[importlib.metadata.EntryPoint]] = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in eps:
         if not any(ep.value == other.value for other in found.get(ep.name, [])):
             found.setdefault(ep.name, []).append(ep)
     return found
+
+
+def installed_entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """Installed entry points of the group `recforge.rewards` by name (`group_entry_points`)."""
+    importlib.invalidate_caches()  # a plugin pip-installed after start-up must still be found
+    return group_entry_points(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
 def _dist_label(ep: importlib.metadata.EntryPoint) -> str:
@@ -291,8 +300,9 @@ def known_reward_names() -> list[str]:
     return sorted(set(_REGISTRY) | set(installed_entry_points()))
 
 
-def resolve_reward(name: str) -> RewardInfo:
-    """The reward a recipe's `RewardSpec.name` (or `recforge reward test <name>`) refers to; see the module doc."""
+def resolve_reward(name: str, *, plugins: Plugins | None = None) -> RewardInfo:
+    """The reward a recipe's `RewardSpec.name` (or `recforge reward test <name>`) refers to; see the module doc.
+    `plugins`: the entry points plugin names resolve among (None: the installed ones, `installed_entry_points()`)."""
     if ":" in name:
         fn = load_target(name)
         return _info(name, fn, "import path", name)
@@ -300,7 +310,7 @@ def resolve_reward(name: str) -> RewardInfo:
     info = _REGISTRY.get(name)
     if info is not None and info.source.startswith("built-in"):
         return info
-    eps = installed_entry_points()
+    eps = installed_entry_points() if plugins is None else plugins
     if name in eps:
         return _load_entry_point(name, eps[name])
     if info is not None:
@@ -326,15 +336,16 @@ class ListedReward:
     error: str | None = None
 
 
-def list_rewards() -> list[ListedReward]:
-    """Built-in rewards, installed plugins (each loaded, so a broken one shows its error), then other registrations."""
+def list_rewards(*, plugins: Plugins | None = None) -> list[ListedReward]:
+    """Built-in rewards, installed plugins (each loaded, so a broken one shows its error), then other registrations.
+    `plugins` as in `resolve_reward`."""
     _load_builtins()
     rows = [ListedReward(name=n, source=i.source, info=i) for n, i in sorted(_REGISTRY.items())
             if i.source.startswith("built-in")]
     rows += [ListedReward(name=f"({module})", source="built-in", info=None, error=f"failed to import: {error}")
              for module, error in _builtin_errors.items()]
     plugin_targets = set()
-    for name, eps in sorted(installed_entry_points().items()):
+    for name, eps in sorted((installed_entry_points() if plugins is None else plugins).items()):
         try:
             info = _load_entry_point(name, eps)
         except RewardError as err:

@@ -1,5 +1,7 @@
 """rewards.api: registration, per-sample rewards, the resolver (import paths, built-ins, entry points, did-you-mean),
-kwargs checks, and the layering rule (no ray/vllm/deepspeed)."""
+kwargs checks, and the layering rule (no ray/vllm/deepspeed). Entry points are passed in as `plugins=`; finding them
+among the installed distributions is tested with a real pip-installed plugin package in
+tests/integration/test_reward_plugin_package.py."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rewards.api import (
     RewardError,
     UnknownRewardError,
     check_kwargs,
+    group_entry_points,
     list_rewards,
     per_sample,
     resolve_reward,
@@ -119,35 +122,39 @@ def test_import_paths_resolve_and_their_errors_say_what_is_missing():
         resolve_reward(f"{__name__}:NOT_CALLABLE")
 
 
-def _fake_entry_points(monkeypatch, *pairs: tuple[str, str]) -> None:
-    eps = [importlib.metadata.EntryPoint(name=n, value=v, group=ENTRY_POINT_GROUP) for n, v in pairs]
-
-    def entry_points(**params):
-        assert params == {"group": ENTRY_POINT_GROUP}
-        return eps
-
-    monkeypatch.setattr(api.importlib.metadata, "entry_points", entry_points)
+def plugins(*pairs: tuple[str, str]) -> api.Plugins:
+    """Entry points as a distribution would declare them (real `EntryPoint`s: resolving one imports its target)."""
+    return group_entry_points(importlib.metadata.EntryPoint(name=n, value=v, group=ENTRY_POINT_GROUP) for n, v in pairs)
 
 
-def test_installed_entry_points_resolve_and_are_listed(monkeypatch):
-    _fake_entry_points(monkeypatch, ("unit_plugin", f"{__name__}:plain_reward"),
-                       ("unit_broken", "no_such_pkg_xyz.mod:fn"), ("format", f"{__name__}:plain_reward"))
-    info = resolve_reward("unit_plugin")
-    assert info.fn is plain_reward and info.source.startswith("plugin ")
-    assert resolve_reward("format").source == "built-in (rewards.rules)"  # built-ins cannot be shadowed
+def test_entry_points_are_grouped_by_name_and_a_target_seen_twice_counts_once():
+    found = plugins(("a", f"{__name__}:plain_reward"), ("b", f"{__name__}:words"), ("a", f"{__name__}:plain_reward"),
+                    ("a", f"{__name__}:words"))
+    assert {name: [ep.value for ep in eps] for name, eps in found.items()} == {
+        "a": [f"{__name__}:plain_reward", f"{__name__}:words"], "b": [f"{__name__}:words"]}
+
+
+def test_plugin_entry_points_resolve_and_are_listed():
+    found = plugins(("unit_plugin", f"{__name__}:plain_reward"), ("unit_broken", "no_such_pkg_xyz.mod:fn"),
+                    ("format", f"{__name__}:plain_reward"))
+    info = resolve_reward("unit_plugin", plugins=found)
+    assert info.fn is plain_reward and info.source == f"plugin (unknown distribution) ({__name__}:plain_reward)"
+    assert resolve_reward("format", plugins=found).source == "built-in (rewards.rules)"  # built-ins cannot be shadowed
     with pytest.raises(RewardError, match="unit_broken.*failed to import no_such_pkg_xyz.mod:fn"):
-        resolve_reward("unit_broken")
-    rows = {(row.name, row.source.split(" ")[0]): row for row in list_rewards()}
+        resolve_reward("unit_broken", plugins=found)
+    with pytest.raises(UnknownRewardError, match="Did you mean 'unit_plugin'"):
+        resolve_reward("unit_plugn", plugins=found)
+    rows = {(row.name, row.source.split(" ")[0]): row for row in list_rewards(plugins=found)}
     assert rows[("unit_plugin", "plugin")].info.fn is plain_reward
     assert "ModuleNotFoundError" in rows[("unit_broken", "plugin")].error
     assert rows[("format", "built-in")].info is not None
     assert rows[("unit_length_chars", "registered")].info.fn is length_chars
 
 
-def test_two_plugins_claiming_one_name_is_an_error(monkeypatch):
-    _fake_entry_points(monkeypatch, ("unit_twice", f"{__name__}:plain_reward"), ("unit_twice", f"{__name__}:words"))
+def test_two_plugins_claiming_one_name_is_an_error():
+    found = plugins(("unit_twice", f"{__name__}:plain_reward"), ("unit_twice", f"{__name__}:words"))
     with pytest.raises(RewardError, match="several installed plugins declare this name"):
-        resolve_reward("unit_twice")
+        resolve_reward("unit_twice", plugins=found)
 
 
 def test_kwargs_are_checked_against_the_signature():
