@@ -12,33 +12,14 @@ final evaluation (same weights, same greedy constrained generation).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import read_steps, sid_recipe_config
+
+from rl.config import load_config
 
 pytest.importorskip("vllm")
-ray = pytest.importorskip("ray")
-
-from rl.config import load_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
-def read_steps(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row.pop("step"), {}).update(row)
-    return rows
+pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +27,8 @@ def hepo_run(ray_local, tiny_model_dir, ctr_model_dir, tmp_path_factory):
     """2 steps of debug.yaml (smaller) on the tiny model: (config, run directory)."""
     from recipes.gpr_hepo.main import main as run_recipe
 
-    overrides = [
-        f"model.path={tiny_model_dir}", "data.history_len=3", "data.max_train_users=20", "data.num_eval_users=4",
-        "data.sid_codes_per_level=8", "rollout.num_prompts_per_step=2", "rollout.kv_cache_gib=0.5",
-        f"reward.rewards.0.kwargs.ctr_model={ctr_model_dir}", "learner.lr=1e-3", "logging.tensorboard=false",
-        "logging.progress_bar=false", "run.num_steps=2", "run.save_every=0", "run.eval_every=0",
-        "sft.num_steps=0",  # the SFT warm-start is covered by test_sgrec_a2po.py
-    ]
-    cfg = load_config(ROOT / "recipes/gpr_hepo/debug.yaml", overrides)
+    # The SFT warm-start is covered by test_sgrec_a2po.py.
+    cfg = sid_recipe_config("gpr_hepo", tiny_model_dir, ctr_model_dir, "sft.num_steps=0")
     return cfg, run_recipe(cfg, run_dir=tmp_path_factory.mktemp("gpr_hepo") / "run")
 
 

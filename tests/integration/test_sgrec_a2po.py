@@ -13,57 +13,26 @@ the trainer's own final HR@K/NDCG@K exactly.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import read_steps, sid_recipe_config
+
+from rl.config import load_config
 
 pytest.importorskip("vllm")
-ray = pytest.importorskip("ray")
-
-from rl.config import load_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ctr_model(tmp_path_factory) -> Path:
-    """The prepared CTR artifact, or one trained here for one epoch on a clean machine."""
-    from rl import assets
-
-    default = assets.home() / "artifacts" / "ctr"
-    if (default / "model.pt").is_file():
-        return default
-    out = tmp_path_factory.mktemp("ctr")
-    cmd = [sys.executable, "-m", "rewards.train", "ctr", "--out", str(out), "--epochs", "1", "--threads", "1"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return out
-
-
-@pytest.fixture(scope="module")
-def sgrec_run(ray_local, tiny_model_dir, ctr_model, tmp_path_factory):
+def sgrec_run(ray_local, tiny_model_dir, ctr_model_dir, tmp_path_factory):
     """(config, run dir) of 2 steps after a 3-step SFT warm-start."""
     from recipes.sgrec_a2po.main import main as run_recipe
 
-    overrides = [
-        f"model.path={tiny_model_dir}", "data.history_len=3", "data.max_train_users=20", "data.num_eval_users=4",
-        "data.sid_codes_per_level=8", "rollout.num_prompts_per_step=2", "rollout.kv_cache_gib=0.5",
-        f"reward.rewards.0.kwargs.ctr_model={ctr_model}", "reward.rewards.1.kwargs.sample_fraction=0.5",
-        "reward.rewards.1.kwargs.kv_cache_gib=0.5", "learner.lr=1e-3", "logging.tensorboard=false",
-        "logging.progress_bar=false", "run.num_steps=2", "run.save_every=0", "run.eval_every=0",
-        "data.eval_k=[1, 3]", "sft.num_steps=3", "sft.batch_size=4", "sft.lr=1e-3",
-    ]
-    cfg = load_config(ROOT / "recipes/sgrec_a2po/debug.yaml", overrides)
+    cfg = sid_recipe_config(
+        "sgrec_a2po", tiny_model_dir, ctr_model_dir, "reward.rewards.1.kwargs.sample_fraction=0.5",
+        "reward.rewards.1.kwargs.kv_cache_gib=0.5", "data.eval_k=[1, 3]", "sft.num_steps=3", "sft.batch_size=4",
+        "sft.lr=1e-3",
+    )
     return cfg, run_recipe(cfg, run_dir=tmp_path_factory.mktemp("sgrec") / "run")
 
 
@@ -79,10 +48,7 @@ def test_two_a2po_steps_on_constrained_semantic_ids_after_sft(sgrec_run):
     assert load_config(run_dir / "config.yaml").model.path == str(run_dir / SFT_DIR)  # RL starts from the SFT model
 
     index = SIDIndex.load(run_dir / INDEX_FILE)
-    rows: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row.pop("step"), {}).update(row)
+    rows = read_steps(run_dir)
     for step in (1, 2):
         m = rows[step]
         assert m["reward/ecpm/parsed"] == 1.0 and 0.0 <= m["reward/ecpm"] <= 1.0
@@ -106,11 +72,7 @@ def test_recforge_eval_on_the_run_reproduces_the_trainers_final_eval(sgrec_run, 
     from rl import cli
 
     _, run_dir = sgrec_run
-    trained = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["step"] == 2:
-            trained.update({k: v for k, v in row.items() if k.startswith("eval/")})
+    trained = {k: v for k, v in read_steps(run_dir)[2].items() if k.startswith("eval/")}
     assert {"eval/hr@1", "eval/hr@3", "eval/ndcg@3", "eval/valid_sid_frac"} <= set(trained)
     report = tmp_path / "eval.json"
     assert cli.main(["eval", "sgrec_a2po", "--checkpoint", str(run_dir), "--output", str(report)]) == 0
