@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -262,6 +262,7 @@ class MultiTurnCollector:
                              f"last_k with last_k=0), not {context.history!r}.")
         self.generator, self.envs, self.renderer = generator, envs, renderer
         self.context, self.sampling, self.max_turns, self.screenshots = context, sampling, max_turns, screenshots
+        self.planner = TurnPlanner(renderer, context=context, sampling=sampling, max_turns=max_turns)
 
     def collect(self, samples: Sequence[Sample], *, num_samples: int, policy_version: int,
                 seed: int | None) -> list[Trajectory]:
@@ -273,7 +274,7 @@ class MultiTurnCollector:
         while pending or running:
             self._start(pending, running)
             env_ids = sorted(running)
-            plans = [self._plan_turn(running[e]) for e in env_ids]
+            plans = [self.planner.plan(running[e]) for e in env_ids]
             for env_id, plan in zip(env_ids, plans, strict=True):
                 if plan is None:  # context full: ended without acting
                     running.pop(env_id)
@@ -285,23 +286,53 @@ class MultiTurnCollector:
             results = self.envs.step([e for e, _ in active], [c.text for c in completions])
             for (env_id, _), completion, result in zip(active, completions, results, strict=True):
                 traj = running[env_id]
-                self._record(traj, completion, result)
+                self.planner.record(traj, completion, result)
                 if traj.done:
                     running.pop(env_id)
         return trajectories
 
     def _start(self, pending: deque[Trajectory], running: dict[int, Trajectory]) -> None:
-        free = [e for e in range(self.envs.num_envs) if e not in running]
-        starting = [(env_id, pending.popleft()) for env_id in free[: len(pending)]]
+        starting = [(env_id, pending.popleft()) for env_id in free_envs(self.envs.num_envs, running, len(pending))]
         if not starting:
             return
         observations = self.envs.reset([e for e, _ in starting], [t.task for _, t in starting],
                                        [t.seed for _, t in starting])
         for (env_id, traj), obs in zip(starting, observations, strict=True):
-            traj.next_obs = obs
+            self.planner.start(traj, obs)
             running[env_id] = traj
 
-    def _plan_turn(self, traj: Trajectory) -> list[int] | None:
+    def _generate(self, trajs: Sequence[Trajectory], prompts: Sequence[list[int]], *, policy_version: int,
+                  seed: int | None) -> list[TokenCompletion]:
+        s = self.sampling
+        seeds = [None if seed is None else request_seed(seed, f"{t.trajectory_id}/t{len(t.turns)}") for t in trajs]
+        images = [t.turns[-1].obs.screenshot_path for t in trajs] if self.screenshots else None
+        if images is not None and any(image is None for image in images):
+            raise ValueError("Screenshot observations need environments that save screenshots (gui.screenshot_dir).")
+        groups = self.generator.generate_tokens(
+            list(prompts), num_samples=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+            stop=list(s.stop), policy_version=policy_version, seeds=seeds, images=images)
+        return [group[0] for group in groups]
+
+
+def free_envs(num_envs: int, running: Collection[int], num_waiting: int) -> list[int]:
+    """The environments that start waiting episodes now: the lowest free ids, at most one per waiting episode."""
+    return [e for e in range(num_envs) if e not in running][:num_waiting]
+
+
+class TurnPlanner:
+    """One episode's bookkeeping, without generator or environments: `plan(traj)` gives turn t's prompt ids (or None:
+    context full) and extends the trajectory's segments; `record(traj, completion, result)` adds the sampled answer
+    and the environment's result of its action. `MultiTurnCollector` calls these for each running episode."""
+
+    def __init__(self, renderer: ChatRenderer, *, context: ContextSettings, sampling: SamplingSettings,
+                 max_turns: int) -> None:
+        self.renderer, self.context, self.sampling, self.max_turns = renderer, context, sampling, max_turns
+
+    def start(self, traj: Trajectory, obs: Observation) -> None:
+        """The environment was reset for `traj`: `obs` is its first screen."""
+        traj.next_obs = obs
+
+    def plan(self, traj: Trajectory) -> list[int] | None:
         """Turn t's prompt ids (opening a new segment or extending the current one); None ends the episode."""
         obs, turn = traj.next_obs, len(traj.turns) + 1
         assert obs is not None
@@ -369,19 +400,8 @@ class MultiTurnCollector:
                 content, previous_ended_with_eos=self.renderer.ended_with_eos(past.completion.token_ids))
         return past.next_obs_ids
 
-    def _generate(self, trajs: Sequence[Trajectory], prompts: Sequence[list[int]], *, policy_version: int,
-                  seed: int | None) -> list[TokenCompletion]:
-        s = self.sampling
-        seeds = [None if seed is None else request_seed(seed, f"{t.trajectory_id}/t{len(t.turns)}") for t in trajs]
-        images = [t.turns[-1].obs.screenshot_path for t in trajs] if self.screenshots else None
-        if images is not None and any(image is None for image in images):
-            raise ValueError("Screenshot observations need environments that save screenshots (gui.screenshot_dir).")
-        groups = self.generator.generate_tokens(
-            list(prompts), num_samples=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-            stop=list(s.stop), policy_version=policy_version, seeds=seeds, images=images)
-        return [group[0] for group in groups]
-
-    def _record(self, traj: Trajectory, completion: TokenCompletion, result: StepResult) -> None:
+    def record(self, traj: Trajectory, completion: TokenCompletion, result: StepResult) -> None:
+        """The answer sampled for the turn `plan` opened and the environment's result of its action."""
         record = traj.turns[-1]
         record.completion, record.info = completion, dict(result.info)
         traj.segments[-1].append_action(completion, record.turn)

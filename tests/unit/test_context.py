@@ -1,12 +1,12 @@
 """rollouts.context: chat rendering as token ids, step summaries, and prompt length per history mode.
 
-Uses the embedded SmolLM2 tokenizer (ChatML template) and the fake environment of fake_gui.py.
+Uses the embedded SmolLM2 tokenizer (ChatML template) and the screens and answers of gui_data.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from fake_gui import FakeEnv, ScriptedGenerator
+from gui_data import answer, play, result, screen, trajectory
 
 from rollouts.context import (
     ChatRenderer,
@@ -17,8 +17,9 @@ from rollouts.context import (
     rule_summary,
     truncate,
 )
+from rollouts.envs.actions import parse_action
 from rollouts.envs.base import Element, Observation
-from rollouts.multiturn import LocalEnvs, MultiTurnCollector, SamplingSettings
+from rollouts.multiturn import SamplingSettings, TurnPlanner
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +97,21 @@ def test_semantic_context_keeps_the_last_summaries():
 
 
 def _prompt_lengths(tokenizer, history: str, *, turns: int = 10, **ctx) -> list[int]:
-    """Prompt tokens per turn over one 10-turn episode (the scripted policy never clicks the target)."""
-    generator = ScriptedGenerator(tokenizer, ["The page lists divs. I try one.\nclick(6)", "click(7)", "scroll(down)"])
-    collector = MultiTurnCollector(
-        generator, LocalEnvs([FakeEnv(max_steps=turns)]), ChatRenderer(tokenizer),
-        context=ContextSettings(history=history, **ctx),
-        sampling=SamplingSettings(temperature=1.0, max_new_tokens=32, max_model_len=8192), max_turns=turns)
-    [traj] = collector.collect([_sample()], num_samples=1, policy_version=0, seed=0)
+    """Prompt tokens per turn over one 10-turn episode (the policy never clicks the target; the environment gives up
+    after `turns` actions)."""
+    texts = ["The page lists divs. I try one.\nclick(6)", "click(7)", "scroll(down)"]
+    steps = []
+    for step in range(1, turns + 1):
+        text = texts[(step - 1) % len(texts)]
+        steps.append((answer(tokenizer, text, max_new_tokens=32),
+                      result(step, str(parse_action(text)), done=step == turns, reason="max steps")))
+    planner = TurnPlanner(ChatRenderer(tokenizer), context=ContextSettings(history=history, **ctx),
+                          sampling=SamplingSettings(temperature=1.0, max_new_tokens=32, max_model_len=8192),
+                          max_turns=turns)
+    traj = trajectory(seed=0)
+    play(planner, traj, screen(0), steps)
     assert len(traj.turns) == turns and traj.end_reason == "max steps"
     return [len(t.prompt_ids) for t in traj.turns]
-
-
-def _sample():
-    from rl.types import Sample
-
-    return Sample(sample_id="click-button-s0", prompt="", metadata={"task": "click-button", "seed": 0})
 
 
 def test_semantic_context_keeps_prompt_length_bounded(tokenizer, capsys):
@@ -118,7 +119,7 @@ def test_semantic_context_keeps_prompt_length_bounded(tokenizer, capsys):
     last_k = _prompt_lengths(tokenizer, "last_k", last_k=2)
     semantic = _prompt_lengths(tokenizer, "semantic_context", max_summaries=4)
     with capsys.disabled():
-        print("\nprompt tokens per turn over a 10-turn episode (fake 6-element page):")
+        print("\nprompt tokens per turn over a 10-turn episode (6-element click-button page):")
         for name, lengths in (("full", full), ("last_k=2", last_k), ("semantic_context", semantic)):
             print(f"  {name:>17}: {lengths}")
     # full grows every turn by a screen plus an answer; the others stop growing.

