@@ -86,14 +86,19 @@ def _root_cause(err: BaseException) -> str:
 class _Pool:
     """The actors of one reward; each call goes to the least busy actor."""
 
-    def __init__(self, p: PreparedReward, *, max_restarts: int, actor_options: Mapping[str, Any]) -> None:
+    def __init__(self, p: PreparedReward, *, max_restarts: int, actor_options: Mapping[str, Any],
+                 slot_options: Sequence[Mapping[str, Any]] | None = None) -> None:
         self.prepared = p
         self.max_restarts = max_restarts
         self.capacity = p.spec.num_actors * p.spec.max_concurrency
         self._options = {"num_cpus": p.spec.num_cpus, "num_gpus": p.spec.num_gpus,
                          "max_concurrency": p.spec.max_concurrency, "max_restarts": max_restarts,
                          "max_task_retries": 0, **actor_options}  # retries are ours: counted, and never after a timeout
-        self.actors = [self._start() for _ in range(p.spec.num_actors)]
+        self._slot_options = list(slot_options) if slot_options is not None else [{}] * p.spec.num_actors
+        if len(self._slot_options) != p.spec.num_actors:
+            raise ValueError(f"Reward '{p.key}': {len(self._slot_options)} slot options for {p.spec.num_actors} "
+                             "actors; pass one per actor.")
+        self.actors = [self._start(slot) for slot in range(p.spec.num_actors)]
         self.busy = [0] * len(self.actors)
         self.to_replace: set[int] = set()
         self.failures = [0] * len(self.actors)
@@ -102,10 +107,11 @@ class _Pool:
         """When each slot last came back from a death: calls sent before it failed with that same death."""
         self.replacements = 0
 
-    def _start(self) -> Any:
+    def _start(self, slot: int) -> Any:
+        """A fresh actor for `slot`, with that slot's options: a replacement lands in the same placement bundle."""
         p = self.prepared
-        return _RemoteRunner.options(**self._options).remote(p.key, p.info.target, p.spec.kwargs,
-                                                             timeout_s=p.spec.timeout_s)
+        options = {**self._options, **self._slot_options[slot]}
+        return _RemoteRunner.options(**options).remote(p.key, p.info.target, p.spec.kwargs, timeout_s=p.spec.timeout_s)
 
     def submit(self, rollouts: list[Rollout]) -> tuple[ray.ObjectRef, int]:
         slot = min(range(len(self.actors)), key=self.busy.__getitem__)
@@ -140,7 +146,7 @@ class _Pool:
                 if replaced:
                     return  # a fresh actor died too: let the retried call report why
                 logger.warning("Reward '%s': actor %d is gone for good; starting a fresh one.", self.prepared.key, slot)
-                self.actors[slot], replaced = self._start(), True
+                self.actors[slot], replaced = self._start(slot), True
             except (ActorUnavailableError, GetTimeoutError):
                 time.sleep(0.5)
 
@@ -149,7 +155,7 @@ class _Pool:
             logger.warning("Reward '%s': replacing actor %d after a timed-out call (its thread may still run).",
                            self.prepared.key, slot)
             ray.kill(self.actors[slot], no_restart=True)
-            self.actors[slot] = self._start()
+            self.actors[slot] = self._start(slot)
             self.replacements += 1
         self.to_replace.clear()
 
@@ -173,10 +179,14 @@ class RewardService:
 
     cfg: the recipe's `reward` section. max_restarts: restarts of a dead reward actor (`cluster.max_restarts`).
     actor_options: extra `ray.remote` options for every reward actor, e.g. a placement-group `scheduling_strategy`
-    or a `runtime_env`. start_timeout_s: how long to wait for the actors to start and import their reward.
+    or a `runtime_env`. slot_options: per reward key (alias or name), one mapping of Ray options per actor that
+    overrides the above, e.g. the `num_cpus`/`num_gpus`/`scheduling_strategy` of its placement-group bundle
+    (`rl.placement_groups.PlacementGroups.reward_options()`); restarted and replacement actors keep their slot's.
+    start_timeout_s: how long to wait for the actors to start and import their reward.
     """
 
     def __init__(self, cfg: RewardConfig, *, max_restarts: int = 3, actor_options: Mapping[str, Any] | None = None,
+                 slot_options: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  start_timeout_s: float = 300.0) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RewardService needs a running Ray: call ray.init(...) first (the recipe's driver "
@@ -194,7 +204,8 @@ class RewardService:
         self._cache: collections.OrderedDict[tuple[str, str, str], RewardResult] = collections.OrderedDict()
         try:
             for p in self.prepared:
-                self._pools[p.key] = _Pool(p, max_restarts=max_restarts, actor_options=actor_options or {})
+                self._pools[p.key] = _Pool(p, max_restarts=max_restarts, actor_options=actor_options or {},
+                                           slot_options=(slot_options or {}).get(p.key))
             self._wait_ready(start_timeout_s)
         except BaseException:
             self.shutdown()

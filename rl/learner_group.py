@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -56,8 +57,10 @@ class LearnerGroup:
 
     def __init__(self, *, model_path: str, learner_cfg: LearnerConfig, algorithm_cfg: AlgorithmConfig, dtype: str,
                  temperature: float, seed: int, max_completion_length: int, colocate: bool,
-                 call_timeout_s: float | None = None) -> None:
-        """`call_timeout_s`: deadline of every call to the ranks (None = none; a dead rank still fails at once)."""
+                 call_timeout_s: float | None = None, actor_options: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """`call_timeout_s`: deadline of every call to the ranks (None = none; a dead rank still fails at once).
+        `actor_options`: one mapping of Ray actor options per rank overriding the default resources below, e.g. the
+        `num_cpus`/`num_gpus`/`scheduling_strategy` of its placement-group bundle (`rl.placement_groups`)."""
         from rl.learner import Learner  # deepspeed is imported by the actors' module; keep it lazy on the driver
 
         self.cfg, self.algo = learner_cfg, algorithm_cfg
@@ -65,16 +68,20 @@ class LearnerGroup:
         self.max_completion_length = max_completion_length
         world = learner_cfg.num_ranks
         gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
-        # Colocated CPU debug runs share the cores: the actors reserve no CPU so rollout, reward and learner actors
-        # all fit; torch threads are split between ranks instead.
+        # Defaults without placement options (the Trainer passes a bundle share instead, rl/placement.py): colocated
+        # actors reserve no CPU so rollout, reward and learner actors all fit; torch threads are split between ranks.
         num_cpus = 0 if colocate else 1
         num_gpus = (1.0 / max(world, 1) if colocate else 1) if gpu else 0
         threads = max(1, (os.cpu_count() or 1) // world)
-        actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)
+        per_rank = list(actor_options) if actor_options is not None else [{}] * world
+        if len(per_rank) != world:
+            raise ValueError(f"{len(per_rank)} actor_options for {world} learner ranks; pass one per rank.")
+        actor_cls = ray.remote(Learner)
         self.actors = [
-            actor_cls.remote(model_path=model_path, learner_cfg=learner_cfg, algorithm_cfg=algorithm_cfg,
-                             dtype=dtype, temperature=temperature, rank=rank, world_size=world, seed=seed,
-                             max_completion_length=max_completion_length, num_threads=threads)
+            actor_cls.options(**{"num_cpus": num_cpus, "num_gpus": num_gpus, **per_rank[rank]}).remote(
+                model_path=model_path, learner_cfg=learner_cfg, algorithm_cfg=algorithm_cfg, dtype=dtype,
+                temperature=temperature, rank=rank, world_size=world, seed=seed,
+                max_completion_length=max_completion_length, num_threads=threads)
             for rank in range(world)
         ]
         try:

@@ -41,6 +41,8 @@ from rl.curriculum import ProgressiveSchedule, schedule_from_config
 from rl.health import FaultCounters
 from rl.hepo import LevelCoder, hepo_batch
 from rl.learner_group import LearnerGroup
+from rl.placement import plan_placement
+from rl.placement_groups import PlacementGroups, cluster_has_gpu
 from rl.types import Rollout, Sample, ScoredRollout, TrainBatch
 from rl.weight_sync import make_weight_sync
 
@@ -229,6 +231,7 @@ class Trainer:
         self.model_path = resolve_model_path(cfg.model.path)
         self.sync = make_weight_sync(cfg.cluster)
         self.pool = self.learners = self.rewards = None
+        self.placement: PlacementGroups | None = None
         self.state = ckpt.TrainerState(step=0, policy_version=0, data_position=0, rng=ckpt.capture_rng())
         self.faults = FaultCounters()
 
@@ -263,15 +266,22 @@ class Trainer:
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        # Bundles first (rl/placement.py): every actor below is pinned to its bundle, restarts included.
+        self.placement = placement = PlacementGroups(
+            plan_placement(cfg, gpu=cluster_has_gpu()), timeout_s=cfg.cluster.placement_timeout_s,
+            colocate=cfg.cluster.colocate, fixed_cluster=cfg.cluster.address is None)
         self.pool = RolloutPool(self.model_path, model_cfg=cfg.model, rollout_cfg=cfg.rollout,
                                 cluster_cfg=cfg.cluster, seed=cfg.run.seed,
-                                restart_timeout_s=cfg.cluster.restart_timeout_s)
+                                restart_timeout_s=cfg.cluster.restart_timeout_s,
+                                actor_options=placement.actor_options(placement.plan.rollout))
         self.learners = LearnerGroup(
             model_path=self.model_path, learner_cfg=cfg.learner, algorithm_cfg=cfg.algorithm, dtype=cfg.model.dtype,
             temperature=cfg.rollout.temperature, seed=cfg.run.seed, max_completion_length=cfg.rollout.max_new_tokens,
             colocate=cfg.cluster.colocate, call_timeout_s=cfg.cluster.learner_timeout_s,
+            actor_options=placement.actor_options(placement.plan.learner),
         )
-        self.rewards = RewardService(cfg.reward, max_restarts=cfg.cluster.max_restarts)
+        self.rewards = RewardService(cfg.reward, max_restarts=cfg.cluster.max_restarts,
+                                     slot_options=placement.reward_options())
         if resume_from is None:
             self.logger.truncate_after(0)  # a fresh start in an existing run dir: drop its stale metric lines
         else:
@@ -286,6 +296,8 @@ class Trainer:
         for part in (self.rewards, self.pool, self.learners):
             if part is not None:
                 part.shutdown()
+        if self.placement is not None:  # after the actors: removing a group kills whatever still runs in it
+            self.placement.remove()
         self.sync.close()
         if getattr(self, "logger", None) is not None:
             self.logger.close()

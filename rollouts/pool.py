@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -78,17 +78,24 @@ class RolloutPool:
         num_gpus_per_worker: float | None = None,
         restart_timeout_s: float = 600.0,
         enforce_eager: bool = False,
+        actor_options: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """`scheduling_strategy`: one Ray scheduling strategy for every worker (e.g. a
         `PlacementGroupSchedulingStrategy`), or one per worker (e.g. one bundle index each). `num_gpus_per_worker`
         defaults to 1 on a cluster with GPUs, `rollout.gpu_memory_utilization` of the device when colocated, 0 on CPU.
         `restart_timeout_s` bounds the wait for a restarted worker; `enforce_eager` skips vLLM's compile warm-up.
+        `actor_options`: one mapping of Ray actor options per worker that overrides those defaults, e.g. the
+        `num_cpus`/`num_gpus`/`scheduling_strategy` of its placement-group bundle (`rl.placement_groups`); the
+        Trainer passes them, and a restarted worker keeps them (same bundle).
         """
         self.rollout_cfg = rollout_cfg
         self.max_restarts = cluster_cfg.max_restarts
         self.restart_timeout_s = restart_timeout_s
         num_workers = rollout_cfg.num_workers
         strategies = self._strategies(scheduling_strategy, num_workers)
+        per_worker = list(actor_options) if actor_options is not None else [{}] * num_workers
+        if len(per_worker) != num_workers:
+            raise ValueError(f"{len(per_worker)} actor_options for {num_workers} rollout workers; pass one per worker.")
         if num_gpus_per_worker is None:
             share = rollout_cfg.gpu_memory_utilization if cluster_cfg.colocate else 1.0
             num_gpus_per_worker = share if ray.cluster_resources().get("GPU") else 0.0
@@ -102,9 +109,8 @@ class RolloutPool:
             actor_cls.options(
                 max_restarts=cluster_cfg.max_restarts,
                 max_task_retries=0,  # the pool re-issues work itself, after re-applying the current weights
-                num_cpus=1,
-                num_gpus=num_gpus_per_worker,
-                scheduling_strategy=strategies[worker],
+                **{"num_cpus": 1, "num_gpus": num_gpus_per_worker, "scheduling_strategy": strategies[worker],
+                   **per_worker[worker]},
             ).remote(
                 model_path,
                 dtype=model_cfg.dtype,

@@ -11,7 +11,7 @@ PURE = ["rl.types", "rl.config", "rl.advantages", "rl.losses", "rl.kernels", "re
         "rewards.ecpm", "rewards.negative_feedback", "rewards.aggregator", "rewards.items", "rollouts.sid",
         "rewards.judge", "rewards.semantic_judge", "rewards.agent_judge", "rewards.tags", "rollouts.envs.negfeedback",
         "rollouts.envs.tags", "rl.curriculum", "rl.sft", "rollouts.sid_processor", "rollouts.weight_receiver",
-        "rollouts.engine"]  # engine imports vllm lazily, inside methods
+        "rollouts.engine", "rl.placement", "rl.config_sections"]  # engine imports vllm lazily, inside methods
 
 
 def test_pure_modules_do_not_import_heavy_runtimes():
