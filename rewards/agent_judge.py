@@ -50,6 +50,8 @@ from rewards.judge import (
     engine_spec,
     judge_cache,
     judge_engine,
+    remember,
+    split_cached,
     text_key,
     user_turn,
 )
@@ -169,31 +171,16 @@ def dimension_request(rollout: Rollout, name: str, question: str, opts: AgentOpt
                         regex=VERDICT_REGEX if opts.structured else None)
 
 
-def _ask_all(requests: Mapping[tuple[Any, ...], JudgeRequest], generate: TextGenerator, cache: JudgeCache,
-             opts: AgentOptions) -> dict[tuple[Any, ...], Answer[Verdict]]:
-    out: dict[tuple[Any, ...], Answer[Verdict]] = {}
-    todo = {}
-    for key, request in requests.items():
-        hit = cache.get(key)
-        if hit is not None:
-            out[key] = hit
-        else:
-            todo[key] = request
-    answers = ask(generate, list(todo.values()), parse_verdict, retries=opts.retries,
-                  reminder="Reply with one line: PASS or FAIL, a colon, and a short reason.")
-    for key, answer in zip(todo, answers, strict=True):
-        out[key] = answer
-        if answer.value is not None:
-            cache.put(key, answer)
-    return out
+AgentKey = tuple[Any, ...]
+VERDICT_REMINDER = "Reply with one line: PASS or FAIL, a colon, and a short reason."
 
 
-def judge_agent(rollouts: Sequence[Rollout], *, generate: TextGenerator, cache: JudgeCache, opts: AgentOptions
-                ) -> list[RewardResult]:
-    """Every dimension of every rollout in one batch of judge requests, then the senior review (unit tests call this
-    with a fake `generate`)."""
-    keys: list[dict[str, tuple[Any, ...]]] = []
-    requests: dict[tuple[Any, ...], JudgeRequest] = {}
+def agent_plan(rollouts: Sequence[Rollout], opts: AgentOptions
+               ) -> tuple[list[dict[str, AgentKey]], dict[AgentKey, JudgeRequest]]:
+    """Every dimension of every rollout as a judge request: (per rollout, dimension -> cache key), and the distinct
+    requests by key (identical questions are asked once)."""
+    keys: list[dict[str, AgentKey]] = []
+    requests: dict[AgentKey, JudgeRequest] = {}
     for r in rollouts:
         per_dim = {}
         for name, question in opts.dimensions.items():
@@ -202,7 +189,23 @@ def judge_agent(rollouts: Sequence[Rollout], *, generate: TextGenerator, cache: 
             per_dim[name] = key
             requests.setdefault(key, request)
         keys.append(per_dim)
-    answers = _ask_all(requests, generate, cache, opts)
+    return keys, requests
+
+
+def judge_agent(rollouts: Sequence[Rollout], *, generate: TextGenerator, cache: JudgeCache, opts: AgentOptions
+                ) -> list[RewardResult]:
+    """Every dimension of every rollout in one batch of judge requests (`agent_plan`; cached verdicts are not asked
+    again), then the senior review (`agent_results`)."""
+    keys, requests = agent_plan(rollouts, opts)
+    hits, todo = split_cached(requests, cache)
+    asked = ask(generate, list(todo.values()), parse_verdict, retries=opts.retries, reminder=VERDICT_REMINDER)
+    return agent_results(rollouts, keys, {**hits, **remember(cache, todo, asked)}, opts)
+
+
+def agent_results(rollouts: Sequence[Rollout], keys: Sequence[Mapping[str, AgentKey]],
+                  answers: Mapping[AgentKey, Answer[Verdict]], opts: AgentOptions) -> list[RewardResult]:
+    """The senior review of each rollout's verdicts; an unparsable one fails the batch naming the rollout, or under
+    on_unparsable="report" gives judged=False with the replies."""
     results = []
     for r, per_dim in zip(rollouts, keys, strict=True):
         got = {name: answers[key] for name, key in per_dim.items()}

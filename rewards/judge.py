@@ -39,7 +39,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +48,7 @@ from rl import assets
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
 ON_UNPARSABLE: tuple[str, ...] = ("error", "report")
 
@@ -68,7 +69,7 @@ class JudgeRequest:
 
 
 TextGenerator = Callable[[Sequence[JudgeRequest]], list[str]]
-"""What the judges call: requests in, one answer text per request out (`JudgeEngine`, or a fake in unit tests)."""
+"""What the judges call: requests in, one answer text per request out (`JudgeEngine`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,30 +241,74 @@ def with_reminder(request: JudgeRequest, previous: str, reminder: str) -> JudgeR
     return JudgeRequest(system=request.system, user=user, max_new_tokens=request.max_new_tokens, regex=request.regex)
 
 
+class Asking(Generic[T]):
+    """One `ask` as a state machine without a model: `pending()` is the batch to send this round (the unparsable
+    ones again, each with its reply quoted and `reminder` appended), `answer(texts)` records the model's replies to
+    it, in order; after `retries + 1` rounds, or once every reply parsed, `done` is True and `answers()` has them."""
+
+    def __init__(self, requests: Sequence[JudgeRequest], parse: Callable[[str], T | None], *, retries: int,
+                 reminder: str) -> None:
+        if retries < 0:
+            raise ValueError(f"retries={retries} must be >= 0.")
+        self.requests, self.parse, self.reminder = list(requests), parse, reminder
+        self.rounds_left = retries + 1
+        self.outputs: list[list[str]] = [[] for _ in self.requests]
+        self.values: list[T | None] = [None] * len(self.requests)
+        self.todo = list(range(len(self.requests)))
+        self.current = list(self.requests)
+
+    @property
+    def done(self) -> bool:
+        return not self.todo or self.rounds_left == 0
+
+    def pending(self) -> list[JudgeRequest]:
+        return [] if self.done else [self.current[i] for i in self.todo]
+
+    def answer(self, texts: Sequence[str]) -> None:
+        if len(texts) != len(self.todo):
+            raise RuntimeError(f"the judge model returned {len(texts)} answers for {len(self.todo)} requests")
+        still = []
+        for i, text in zip(self.todo, texts, strict=True):
+            self.outputs[i].append(text)
+            self.values[i] = self.parse(text)
+            if self.values[i] is None:
+                self.current[i] = with_reminder(self.requests[i], text, self.reminder)
+                still.append(i)
+        self.todo, self.rounds_left = still, self.rounds_left - 1
+
+    def answers(self) -> list[Answer[T]]:
+        return [Answer(value=v, outputs=tuple(o)) for v, o in zip(self.values, self.outputs, strict=True)]
+
+
 def ask(generate: TextGenerator, requests: Sequence[JudgeRequest], parse: Callable[[str], T | None], *,
         retries: int, reminder: str) -> list[Answer[T]]:
     """Ask every request; re-ask the unparsable ones (all of them in one batch per round) up to `retries` times."""
-    if retries < 0:
-        raise ValueError(f"retries={retries} must be >= 0.")
-    outputs: list[list[str]] = [[] for _ in requests]
-    values: list[T | None] = [None] * len(requests)
-    todo = list(range(len(requests)))
-    current = list(requests)
-    for _ in range(retries + 1):
-        if not todo:
-            break
-        texts = generate([current[i] for i in todo])
-        if len(texts) != len(todo):
-            raise RuntimeError(f"the judge model returned {len(texts)} answers for {len(todo)} requests")
-        still = []
-        for i, text in zip(todo, texts, strict=True):
-            outputs[i].append(text)
-            values[i] = parse(text)
-            if values[i] is None:
-                current[i] = with_reminder(requests[i], text, reminder)
-                still.append(i)
-        todo = still
-    return [Answer(value=v, outputs=tuple(o)) for v, o in zip(values, outputs, strict=True)]
+    asking = Asking(requests, parse, retries=retries, reminder=reminder)
+    while not asking.done:
+        asking.answer(generate(asking.pending()))
+    return asking.answers()
+
+
+def split_cached(requests: Mapping[K, JudgeRequest], cache: JudgeCache) -> tuple[dict[K, Any], dict[K, JudgeRequest]]:
+    """(cached answers, requests still to ask) of `requests` by cache key."""
+    hits: dict[K, Any] = {}
+    todo: dict[K, JudgeRequest] = {}
+    for key, request in requests.items():
+        hit = cache.get(key)
+        if hit is not None:
+            hits[key] = hit
+        else:
+            todo[key] = request
+    return hits, todo
+
+
+def remember(cache: JudgeCache, keys: Iterable[K], answers: Sequence[Answer[T]]) -> dict[K, Answer[T]]:
+    """`answers` by key (in the order `keys` were asked); the parsed ones go into `cache`, failures do not."""
+    out = dict(zip(keys, answers, strict=True))
+    for key, answer in out.items():
+        if answer.value is not None:
+            cache.put(key, answer)
+    return out
 
 
 class JudgeCache:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ from rewards.judge import (
     engine_spec,
     judge_cache,
     judge_engine,
+    remember,
+    split_cached,
     text_key,
     user_turn,
 )
@@ -248,33 +250,22 @@ def _case(i: int, r: Rollout, opts: SemanticOptions, catalogue: Catalogue) -> _C
     return _Case(index=i, user_id=user_id, item_id=item_id, history=history, request=judge_request, key=key)
 
 
-def _verdicts(cases: Sequence[_Case], generate: TextGenerator, cache: JudgeCache, opts: SemanticOptions
-              ) -> dict[tuple[Any, ...], tuple[Answer[tuple[int, ...]], bool]]:
-    """(answer, came from the cache) per distinct case key; only parsed answers are cached."""
-    out: dict[tuple[Any, ...], tuple[Answer[tuple[int, ...]], bool]] = {}
-    todo: dict[tuple[Any, ...], JudgeRequest] = {}
-    for case in cases:
-        if case.key in out or case.key in todo:
-            continue
-        hit = cache.get(case.key)
-        if hit is not None:
-            out[case.key] = (hit, True)
-        else:
-            todo[case.key] = case.request
-    answer = " ".join(f"{a}=N" for a in ASPECTS)
-    reminder = f"Reply with exactly one line: {answer}, N from 1 to {opts.num_levels}."
-    answers = ask(generate, list(todo.values()), functools.partial(parse_levels, num_levels=opts.num_levels),
-                  retries=opts.retries, reminder=reminder)
-    for key, answer in zip(todo, answers, strict=True):
-        out[key] = (answer, False)
-        if answer.value is not None:
-            cache.put(key, answer)
-    return out
+@dataclass(frozen=True, kw_only=True)
+class SemanticPlan:
+    """Stage 1 before the judge model: the results decided without it (None where a case waits for a verdict) and
+    the cases to judge; `requests` are the distinct judge requests by cache key."""
+
+    results: list[RewardResult | None]
+    cases: list[_Case]
+
+    @property
+    def requests(self) -> dict[tuple[Any, ...], JudgeRequest]:
+        return {case.key: case.request for case in self.cases}
 
 
-def judge_semantic(rollouts: Sequence[Rollout], *, generate: TextGenerator, aggregator: AspectAggregator,
-                   cache: JudgeCache, opts: SemanticOptions, catalogue: Catalogue) -> list[RewardResult]:
-    """Stage 1 + stage 2 on a batch (the reward without engine, artifact and data loading; unit tests call it)."""
+def semantic_plan(rollouts: Sequence[Rollout], *, opts: SemanticOptions, catalogue: Catalogue) -> SemanticPlan:
+    """Which rollouts the judge is asked about and how; not-picked ones (`sample_fraction`) and completions naming
+    no known item get their result here."""
     results: list[RewardResult | None] = [None] * len(rollouts)
     cases = []
     for i, r in enumerate(rollouts):
@@ -288,8 +279,36 @@ def judge_semantic(rollouts: Sequence[Rollout], *, generate: TextGenerator, aggr
             results[i] = case
         else:
             cases.append(case)
-    verdicts = _verdicts(cases, generate, cache, opts)
-    failed = [(c, verdicts[c.key][0]) for c in cases if verdicts[c.key][0].value is None]
+    return SemanticPlan(results=results, cases=cases)
+
+
+def levels_reminder(num_levels: int) -> str:
+    """What an unparsable answer is re-asked with."""
+    answer = " ".join(f"{a}=N" for a in ASPECTS)
+    return f"Reply with exactly one line: {answer}, N from 1 to {num_levels}."
+
+
+def judge_semantic(rollouts: Sequence[Rollout], *, generate: TextGenerator, aggregator: AspectAggregator,
+                   cache: JudgeCache, opts: SemanticOptions, catalogue: Catalogue) -> list[RewardResult]:
+    """Stage 1 + stage 2 on a batch (the reward without engine, artifact and data loading): `semantic_plan`, the
+    cached verdicts, the judge model (`generate`) for the others, then `semantic_results`."""
+    plan = semantic_plan(rollouts, opts=opts, catalogue=catalogue)
+    hits, todo = split_cached(plan.requests, cache)
+    asked = ask(generate, list(todo.values()), functools.partial(parse_levels, num_levels=opts.num_levels),
+                retries=opts.retries, reminder=levels_reminder(opts.num_levels))
+    verdicts = {**hits, **remember(cache, todo, asked)}
+    return semantic_results(rollouts, plan, verdicts, cached=set(hits), aggregator=aggregator, opts=opts)
+
+
+def semantic_results(rollouts: Sequence[Rollout], plan: SemanticPlan,
+                     verdicts: Mapping[tuple[Any, ...], Answer[tuple[int, ...]]], *,
+                     cached: Collection[tuple[Any, ...]], aggregator: AspectAggregator,
+                     opts: SemanticOptions) -> list[RewardResult]:
+    """Stage 2: every rollout's result from the judge's verdict on its case (`cached`: keys whose verdict came from
+    the cache). An unparsable verdict fails the batch naming the rollout, or under on_unparsable="report" gives
+    judged=False with the judge's answers."""
+    results = list(plan.results)
+    failed = [(c, verdicts[c.key]) for c in plan.cases if verdicts[c.key].value is None]
     if failed and opts.on_unparsable == "error":
         c, answer = failed[0]
         raise JudgeOutputError(
@@ -298,14 +317,14 @@ def judge_semantic(rollouts: Sequence[Rollout], *, generate: TextGenerator, aggr
             + (f" ({len(failed) - 1} more rollout(s) too)" if len(failed) > 1 else "")
             + ". Use structured=True (vLLM structured outputs), a stronger judge model, or on_unparsable='report' "
               "to mark such rollouts judged=False instead.")
-    parsed = [c for c in cases if verdicts[c.key][0].value is not None]
+    parsed = [c for c in plan.cases if verdicts[c.key].value is not None]
     if parsed:
-        levels_B4 = [verdicts[c.key][0].value for c in parsed]
+        levels_B4 = [verdicts[c.key].value for c in parsed]
         aspects_B4 = aspect_scores_from_levels(levels_B4, opts.num_levels)
         weights_B4 = aggregator.weights_B4([c.user_id for c in parsed], [[h.item for h in c.history] for c in parsed])
         scores_B = (weights_B4 * aspects_B4).sum(-1).tolist()
         for c, score, w_4 in zip(parsed, scores_B, weights_B4.tolist(), strict=True):
-            results[c.index] = _judged(c, verdicts[c.key], score, w_4)
+            results[c.index] = _judged(c, (verdicts[c.key], c.key in cached), score, w_4)
     for c, answer in failed:
         results[c.index] = RewardResult(
             score=opts.unjudged_score, components={"judged": 0.0, "parsed": 1.0},

