@@ -17,7 +17,8 @@ Evaluation on held-out users' next (validation) item over the whole catalogue: t
 then the distinct items among 2·max(K) constrained samples (at rollout.temperature) ranked by their sampled SID
 log-probability — a sampled stand-in for TIGER's trie beam search (rollouts/sid_trie.py has the exact transformers
 beam search, but during training the weights live in the vLLM workers) — giving HR@K and NDCG@K for `data.eval_k`,
-plus the share of valid SIDs and of distinct greedy items.
+plus the share of valid SIDs and of distinct greedy items, and the mean raw eCPM of the greedy and sampled items
+(the business value the `ecpm` reward optimises).
 
 Local (CPU or one GPU, everything colocated):
     recforge run sgrec_a2po --config debug [run.num_steps=30 ...]
@@ -176,17 +177,20 @@ def rank_items(greedy, sampled) -> list:
 
 def make_evaluate(task, cfg: Config):
     """HR@K and NDCG@K of held-out users' next item over the catalogue (see the module docstring), valid and distinct
-    item shares; HR@1 is the greedy SID's hit rate."""
+    item shares; HR@1 is the greedy SID's hit rate. With an `ecpm` reward in the config, also the business value the
+    RL reward optimises, as raw eCPM: `eval/ecpm` of the greedy items, `eval/ecpm_sampled` of the sampled ones."""
     samples = task.samples(limit=cfg.data.num_eval_users, seed=cfg.run.seed + 17)
     max_k = max(cfg.data.eval_k)
     repeats = math.ceil(2 * max_k / cfg.rollout.num_samples_per_prompt) if max_k > 1 else 0
     copies = [dataclasses.replace(s, sample_id=f"{s.sample_id}#{r}") for r in range(repeats) for s in samples]
     parse = lambda text: (lambda found: found[0] if len(found) == 1 else None)(task.form.index.parse(text))
+    value = business_value(cfg)
 
     def evaluate(policy, step: int) -> dict[str, float]:
         greedy_rollouts = policy.pool.generate_greedy(samples, max_new_tokens=cfg.rollout.max_new_tokens)
         greedy = [parse(r.text) for r in greedy_rollouts]
         sampled: list[list] = [[] for _ in samples]
+        rollouts = []
         if copies:
             group = cfg.rollout.num_samples_per_prompt
             rollouts = policy.pool.generate(copies, policy_version=policy.pool.policy_version, seed=cfg.run.seed + 17)
@@ -204,9 +208,29 @@ def make_evaluate(task, cfg: Config):
         valid = [item for item in greedy if item is not None]
         out.update({"eval/valid_sid_frac": len(valid) / len(greedy),
                     "eval/distinct_items_frac": len(set(valid)) / max(len(valid), 1)})
+        if value is not None:
+            out["eval/ecpm"] = _mean(value(greedy_rollouts))
+            if rollouts:
+                out["eval/ecpm_sampled"] = _mean(value(rollouts))
         return out
 
     return evaluate
+
+
+def business_value(cfg: Config):
+    """Raw eCPM (1000 · bid · pCTR, not normalised; 0 for no item) of each rollout's item, with the settings of the
+    config's `ecpm` reward (its CTR model, bids, SID index); None when the config has no `ecpm` reward."""
+    spec = next((spec for spec in cfg.reward.rewards if spec.name == "ecpm"), None)
+    if spec is None:
+        return None
+    from rewards.ecpm import ecpm_reward
+
+    kwargs = {**spec.kwargs, "normalize": "none"}
+    return lambda rollouts: [r.components["ecpm"] for r in ecpm_reward(rollouts, **kwargs)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def build_evaluate(cfg: Config, model_path: str):

@@ -5,7 +5,7 @@ with the embedded SmolLM2-135M), DeepSpeed, on the tiny Llama with SID tokens ad
 one valid item's semantic ID, ecpm scores every rollout, the judge a sampled part, A2PO fuses them; the index the run
 saved is read back to the same mapping. Then `recforge eval sgrec_a2po --checkpoint RUN_DIR` (the run's index and SFT
 model from the checkpoint's config, the checkpoint's resized embeddings loaded into a fresh rollout pool) reproduces
-the trainer's own final HR@K/NDCG@K exactly.
+the trainer's own final HR@K/NDCG@K and eCPM exactly.
 
     flock /tmp/recforge-heavy.lock .venv/bin/python -m pytest tests/integration/test_sgrec_a2po.py -q
 """
@@ -73,7 +73,8 @@ def test_recforge_eval_on_the_run_reproduces_the_trainers_final_eval(sgrec_run, 
 
     _, run_dir = sgrec_run
     trained = {k: v for k, v in read_steps(run_dir)[2].items() if k.startswith("eval/")}
-    assert {"eval/hr@1", "eval/hr@3", "eval/ndcg@3", "eval/valid_sid_frac"} <= set(trained)
+    assert {"eval/hr@1", "eval/hr@3", "eval/ndcg@3", "eval/valid_sid_frac", "eval/ecpm", "eval/ecpm_sampled"} <= set(
+        trained)
     report = tmp_path / "eval.json"
     assert cli.main(["eval", "sgrec_a2po", "--checkpoint", str(run_dir), "--output", str(report)]) == 0
     assert "ndcg@3" in capsys.readouterr().out

@@ -96,3 +96,32 @@ def test_build_evaluate_refuses_a_model_without_the_sid_tokens(tiny_model_dir, t
     cfg = Config(rollout=RolloutConfig(sid_index=index_path))
     with pytest.raises(ConfigError, match="lacks 4 SID tokens"):
         build_evaluate(cfg, str(tiny_model_dir))
+
+
+def test_evaluate_reports_raw_ecpm_of_greedy_and_sampled_items(tmp_path):
+    from recipes.sgrec_a2po.main import make_evaluate
+    from rewards.ecpm import default_ctr_dir, load_ctr, synthetic_bid
+    from rl.config import RewardConfig, RewardSpec
+
+    if not (default_ctr_dir() / "model.pt").is_file():
+        pytest.skip("no CTR artifact: run `recforge prepare` (or `python -m rewards.train ctr`)")
+    index_path = str(INDEX.save(tmp_path / "sid_index.json"))
+    spec = RewardSpec(name="ecpm", kwargs={"item_parser": "sid", "sid_index": index_path})
+    cfg = Config(data=DataConfig(eval_k=[1, 2], num_eval_users=2), rollout=RolloutConfig(num_samples_per_prompt=2),
+                 reward=RewardConfig(rewards=[spec]))
+
+    class UserTask(FakeTask):
+        def samples(self, *, limit, seed):
+            return [Sample(sample_id=f"s{n}", prompt="p", metadata={"item_id": t, "user_id": 10 + n})
+                    for n, t in enumerate(self.targets)]
+
+    pool = FakePool(answers=[4, 3])  # greedy: item 2 for users 10 and 11; sampled: items 4 and 3 for each
+    metrics = make_evaluate(UserTask(targets=[2, 3]), cfg)(type("P", (), {"pool": pool})(), 0)
+    art = load_ctr()
+
+    def value(user: int, item: int) -> float:  # eCPM = 1000 · bid · pCTR
+        return 1000 * synthetic_bid(item, art.vocab.items[item].genres) * art.pctr([user], [item])[0]
+
+    assert metrics["eval/ecpm"] == pytest.approx((value(10, 2) + value(11, 2)) / 2)
+    sampled = [value(u, i) for u in (10, 11) for i in (4, 3)]  # 2 copies of each user, each copy sampling 4 then 3
+    assert metrics["eval/ecpm_sampled"] == pytest.approx(sum(sampled) / len(sampled))
