@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -196,22 +197,97 @@ def test_gui_agent_semantic_context_segments_train(ray_local, tiny_model_dir, tm
     assert metrics[1]["rollout/logprob_mismatch_max"] < 1e-3
 
 
+LEARNING_STEPS = 30
+LEARNING_OVERRIDES = [
+    f"run.num_steps={LEARNING_STEPS}", f"run.eval_every={LEARNING_STEPS // 2}", "run.save_every=5",
+    "run.keep_checkpoints=1", "run.resume=auto", "gui.eval_before_training=true", "gui.num_eval_episodes=32",
+    "gui.max_turns=1", "gui.num_envs=2", "rollout.max_new_tokens=16", "rollout.num_prompts_per_step=1",
+    "rollout.num_samples_per_prompt=8", "learner.lr=2e-5", "learner.micro_batch_size=4",
+    "logging.progress_bar=false", "logging.tensorboard=false",
+]
+
+
+def learning_report(run_dir: Path, wall_s: float) -> dict:
+    """The learning check's numbers from `metrics.jsonl` (last row per step wins, so a resumed run reads once)."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row.pop("step"), {}).update(row)
+    train = {s: m for s, m in sorted(rows.items()) if "traj/success_rate" in m}
+    keys = ("traj/success_rate", "traj/invalid_action_frac", "reward/total", "timing/step", "timing/rollout",
+            "timing/train")
+    return {
+        "command": "flock /tmp/recforge-heavy.lock .venv/bin/python -m pytest -m slow -s -p no:cacheprovider "
+                   "tests/integration/test_gui_agent.py -k learning_check",
+        "config": " ".join(["recipes/gui_agent/debug.yaml", *LEARNING_OVERRIDES]),
+        "model": "SmolLM2-135M-Instruct (embedded), MiniWoB++ click-button + click-link in headless Chromium, "
+                 "CPU 2 cores (shared)",
+        "eval_by_step": {str(s): {k.removeprefix("eval/"): round(v, 4) for k, v in sorted(m.items())
+                                  if k.startswith("eval/")}
+                         for s, m in sorted(rows.items()) if "eval/success_rate" in m},
+        "train_by_step": {str(s): {k.split("/")[-1] if k.startswith("traj/") else k: round(m[k], 4) for k in keys
+                                   if k in m} for s, m in train.items()},
+        "seconds_per_step_mean": round(sum(m["timing/step"] for m in train.values()) / len(train), 1),
+        "wall_s_last_invocation": round(wall_s, 1),
+    }
+
+
+def plot_learning_report(report: dict, path: Path) -> None:
+    """Train success (and its 5-step running mean) and invalid-answer share per step; eval success and ATP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = {int(s): m for s, m in report["train_by_step"].items()}
+    steps = sorted(train)
+    success = [train[s]["success_rate"] for s in steps]
+    running = [sum(success[max(0, i - 4):i + 1]) / len(success[max(0, i - 4):i + 1]) for i in range(len(steps))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot(steps, success, marker="o", markersize=3, alpha=0.5, label="traj/success_rate")
+    axes[0].plot(steps, running, label="5-step mean")
+    axes[0].set_title("train episodes: success (T=1.0)")
+    axes[1].plot(steps, [train[s].get("invalid_action_frac", float("nan")) for s in steps], marker="o",
+                 markersize=3)
+    axes[1].set_title("train: unparsable-answer share")
+    evals = sorted((int(s), m) for s, m in report["eval_by_step"].items())
+    for key, style in (("success_rate", "-"), ("atp", "--"), ("click-button/success_rate", "-"),
+                       ("click-link/success_rate", "-")):  # ATP equals success on one-milestone tasks: dashed
+        axes[2].plot([s for s, _ in evals], [m.get(key, float("nan")) for _, m in evals], style, marker="o",
+                     label=key)
+    axes[2].set_title("eval (greedy, held-out seeds)")
+    for ax in axes:
+        ax.set_xlabel("step (0 = embedded model)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("gui_agent learning check")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @pytest.mark.slow
-def test_gui_agent_learning_check_embedded_model(ray_local, tmp_path, capsys):
-    """30 steps of debug.yaml with the embedded SmolLM2-135M: success rate before vs after (reported, and asserted
-    not to drop: a 135M model from near-zero success is a weak learner, see the numbers printed)."""
+@pytest.mark.timeout(7200)  # about 1 h on 2 CPU cores
+def test_gui_agent_learning_check_embedded_model(ray_local):
+    """30 steps of debug.yaml with the embedded SmolLM2-135M raise the greedy eval success rate over the starting
+    model's (step 0) on the same 64 held-out click-button/click-link episodes. One action per episode
+    (`gui.max_turns=1`): both tasks are solved by one right click, a wrong button or link ends the episode anyway,
+    and one row per episode keeps a step near a minute on 2 shared CPU cores. The run lives under
+    `runs/learning-check-gui_agent` and resumes (`run.resume=auto`) from its last checkpoint if interrupted; the
+    report is `recipes/gui_agent/learning_check.{json,png}`.
+
+    Reported run (2026-11-22, 16 min): success 12/64 at step 0, 18/64 at 15, 14/64 at 30. The gain is a position
+    prior, not reading the page: from step ~8 the greedy policy answers one fixed id per task (click(5) on buttons,
+    click(4) or click(5) on links), and most later groups get equal rewards (zero advantage, zero gradient)."""
     cfg = load_config(ROOT / "recipes/gui_agent/debug.yaml", [
-        "run.num_steps=30", "run.save_every=10", "run.keep_checkpoints=1", "run.eval_every=15",
-        "gui.eval_before_training=true", "gui.num_eval_episodes=16", "gui.max_turns=2", "rollout.max_new_tokens=16",
-        "gui.num_envs=2", "learner.lr=5e-5", "learner.micro_batch_size=2", "logging.progress_bar=false",
-        "logging.tensorboard=false"])
-    run_dir = run_recipe(cfg, run_dir=tmp_path / "learn")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [(row["step"], row["eval/success_rate"], row["eval/atp"]) for row in rows if "eval/success_rate" in row]
-    train = [(row["step"], row.get("traj/success_rate"), row.get("traj/invalid_action_frac")) for row in rows
-             if "traj/success_rate" in row]
-    with capsys.disabled():
-        print("\n(step, eval success, eval ATP):", evals)
-        print("(step, train success, invalid-answer fraction):", train)
-    assert evals[0][0] == 0 and evals[-1][0] == 30
-    assert evals[-1][1] >= evals[0][1]
+        *LEARNING_OVERRIDES, "run.name=learning-check-gui_agent", f"run.output_dir={ROOT / 'runs'}"])
+    t0 = time.perf_counter()
+    run_dir = run_recipe(cfg)
+    report = learning_report(run_dir, time.perf_counter() - t0)
+    (ROOT / "recipes/gui_agent/learning_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_learning_report(report, ROOT / "recipes/gui_agent/learning_check.png")
+    print(json.dumps({k: v for k, v in report.items() if k != "train_by_step"}, indent=1))
+    evals = report["eval_by_step"]
+    assert sorted(evals, key=int) == ["0", str(LEARNING_STEPS // 2), str(LEARNING_STEPS)], evals
+    assert evals[str(LEARNING_STEPS)]["success_rate"] > evals["0"]["success_rate"], evals
