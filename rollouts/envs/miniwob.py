@@ -25,6 +25,7 @@ Robustness: chromedriver starts in its own process group (Chromium joins it), ev
 (`command_timeout_s`), and any browser failure during a step ends the episode with `info["env_error"]`, kills the
 whole group and starts a fresh browser on the next reset. Process groups of environments whose owning process died
 without cleaning up (e.g. a Ray actor killed after a timeout) are reaped when a new browser starts on the same host.
+The browser's process management is in rollouts/envs/browser.py, the tasks' milestones (ATP) in miniwob_tasks.py.
 """
 
 from __future__ import annotations
@@ -36,18 +37,16 @@ import logging
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rollouts.envs.actions import Action, ActionParseError, parse_action
 from rollouts.envs.base import Element, EnvStartError, EnvUsageError, Observation, StepResult
+from rollouts.envs.browser import Browser, press_key
+from rollouts.envs.miniwob_tasks import TASKS, MilestoneContext
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,6 @@ DEFAULT_TASKS: tuple[str, ...] = (
 )
 TASK_AREA = (160, 210)
 """MiniWoB's task area (width, height) in CSS pixels at the page's top-left; screenshots are cropped to it."""
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--force-device-scale-factor=1",
-)
-_BROWSER_REGISTRY = Path(tempfile.gettempdir()) / f"recforge-browsers-{os.getuid()}"
-"""One file per live browser process group (name: group id, content: owning pid), for reaping orphans."""
-_BROWSER_NAMES = {"chromedriver", "chromium", "chrome", "chrome_crashpad", "chrome_crashpad_handler"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,218 +98,6 @@ class MiniWoBConfig:
                 raise ValueError(f"MiniWoBConfig.{name}={getattr(self, name)}, but it must be > 0 seconds.")
         if not self.tasks:
             raise ValueError("MiniWoBConfig.tasks is empty; list at least one MiniWoB task, e.g. ('click-button',).")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tasks and milestones
-
-
-@dataclass(frozen=True, kw_only=True)
-class MilestoneContext:
-    """What a milestone check sees after a step."""
-
-    fields: Mapping[str, str]
-    """Named groups of the task's instruction pattern (the target text, username, ...)."""
-    elements: tuple[Element, ...]
-    action: Action | None
-    target: Element | None
-    """The element the action clicked or typed into (None for other actions or empty space)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Milestone:
-    name: str
-    check: Callable[[MilestoneContext], bool]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskSpec:
-    """A task's instruction pattern and milestones. Success reaches every milestone."""
-
-    instruction_pattern: str
-    milestones: tuple[Milestone, ...]
-
-
-def _value_is(dom_id: str, key: str) -> Callable[[MilestoneContext], bool]:
-    return lambda c: key in c.fields and any(e.dom_id == dom_id and e.value == c.fields[key] for e in c.elements)
-
-
-def _clicked(*, dom_id: str | None = None, tag: str | None = None, text_key: str | None = None,
-             text: str | None = None) -> Callable[[MilestoneContext], bool]:
-    def check(c: MilestoneContext) -> bool:
-        t = c.target
-        if t is None or c.action is None or c.action.kind != "click":
-            return False
-        wanted = c.fields.get(text_key) if text_key else text
-        return ((dom_id is None or t.dom_id == dom_id) and (tag is None or t.tag == tag)
-                and (wanted is None or t.text == wanted))
-    return check
-
-
-def _checked_exactly(key: str, *, kind: str) -> Callable[[MilestoneContext], bool]:
-    """The checked boxes (by label text) are exactly the comma-separated names in fields[key] ("nothing" = none)."""
-    def check(c: MilestoneContext) -> bool:
-        if key not in c.fields:
-            return False
-        raw = c.fields[key]
-        wanted = set() if raw == "nothing" else {name.strip() for name in raw.split(",")}
-        checked = {e.text for e in c.elements if e.tag == f"input_{kind}" and e.checked}
-        return checked == wanted
-    return check
-
-
-TASKS: dict[str, TaskSpec] = {
-    "click-button": TaskSpec(instruction_pattern=r'Click on the "(?P<target>.*)" button\.', milestones=(
-        Milestone(name="target button clicked", check=_clicked(tag="button", text_key="target")),)),
-    "click-link": TaskSpec(instruction_pattern=r'Click on the link "(?P<target>.*)"\.', milestones=(
-        Milestone(name="target link clicked", check=_clicked(text_key="target")),)),
-    "enter-text": TaskSpec(
-        instruction_pattern=r'Enter "(?P<target>.*)" into the text field and press Submit\.', milestones=(
-            Milestone(name="text entered", check=_value_is("tt", "target")),
-            Milestone(name="submit clicked", check=_clicked(dom_id="subbtn")))),
-    "click-checkboxes": TaskSpec(instruction_pattern=r"Select (?P<targets>.*) and click Submit\.", milestones=(
-        Milestone(name="targets checked", check=_checked_exactly("targets", kind="checkbox")),
-        Milestone(name="submit clicked", check=_clicked(dom_id="subbtn")))),
-    "login-user": TaskSpec(
-        instruction_pattern=r'Enter the username "(?P<username>.*)" and the password "(?P<password>.*)" into the '
-                            r"text fields and press login\.",
-        milestones=(Milestone(name="username entered", check=_value_is("username", "username")),
-                    Milestone(name="password entered", check=_value_is("password", "password")),
-                    Milestone(name="login clicked", check=_clicked(dom_id="subbtn")))),
-    "enter-password": TaskSpec(
-        instruction_pattern=r'Enter the password "(?P<password>.*)" into both text fields and press submit\.',
-        milestones=(Milestone(name="password entered", check=_value_is("password", "password")),
-                    Milestone(name="password verified", check=_value_is("verify", "password")),
-                    Milestone(name="submit clicked", check=_clicked(dom_id="subbtn")))),
-    "click-option": TaskSpec(instruction_pattern=r"Select (?P<target>.*) and click Submit\.", milestones=(
-        Milestone(name="option selected", check=_checked_exactly("target", kind="radio")),
-        Milestone(name="submit clicked", check=_clicked(dom_id="subbtn")))),
-    "focus-text": TaskSpec(instruction_pattern=r"Focus into the textbox\.", milestones=(
-        Milestone(name="textbox clicked", check=_clicked(dom_id="tt")),)),
-    "click-dialog": TaskSpec(instruction_pattern=r'Close the dialog box by clicking the "x"\.', milestones=(
-        Milestone(name="close button clicked", check=_clicked(tag="button")),)),
-    "click-tab": TaskSpec(instruction_pattern=r"Click on (?P<target>Tab #\d)\.", milestones=(
-        Milestone(name="target tab clicked", check=_clicked(text_key="target")),)),
-    "click-test": TaskSpec(instruction_pattern=r"Click the button\.", milestones=(
-        Milestone(name="button clicked", check=_clicked(tag="button")),)),
-    "click-test-2": TaskSpec(instruction_pattern=r"Click button ONE\.", milestones=(
-        Milestone(name="button ONE clicked", check=_clicked(tag="button", text="ONE")),)),
-}
-"""Milestones per task for Average Task Progress. Tasks not listed here run with no milestones (ATP 0)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The browser: chromedriver + Chromium in one process group
-
-
-def _group_members(pgid: int) -> list[tuple[int, str, int]]:
-    """Live (pid, name, parent pid) of the processes in process group `pgid`, read from /proc (zombies skipped)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append((int(entry.name), name, int(ppid)))
-    return members
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap_orphaned_browsers() -> None:
-    """Kill browser groups registered by processes that died without closing them (one file per group)."""
-    if not _BROWSER_REGISTRY.is_dir():
-        return
-    for entry in _BROWSER_REGISTRY.iterdir():
-        try:
-            pgid, owner = int(entry.name), int(entry.read_text().strip())
-            os.kill(owner, 0)
-            continue  # owner alive: its browser is in use
-        except ProcessLookupError:
-            pass
-        except (OSError, ValueError):
-            continue
-        members = _group_members(pgid)
-        if members and all(name in _BROWSER_NAMES for _, name, _ in members):  # never kill a reused group id
-            log.warning("Reaping orphaned browser group %d (%d processes) of dead process %d.", pgid,
-                        len(members), owner)
-            _kill_group(pgid)
-        entry.unlink(missing_ok=True)
-
-
-class _Browser:
-    """One chromedriver (own process group, joined by Chromium) and its WebDriver session."""
-
-    def __init__(self, cfg: MiniWoBConfig, chrome_binary: str, chromedriver: str) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.chromium.remote_connection import ChromiumRemoteConnection
-        from selenium.webdriver.remote.client_config import ClientConfig
-
-        os.environ.setdefault("SE_OFFLINE", "true")  # Selenium must never go to the network for drivers
-        os.environ.setdefault("SE_AVOID_STATS", "true")
-        _reap_orphaned_browsers()
-        self.profile_dir = tempfile.mkdtemp(prefix="recforge-chromium-")
-        self.service = Service(chromedriver, log_output=subprocess.DEVNULL, popen_kw={"start_new_session": True})
-        try:
-            self.service.start()
-        except BaseException:
-            shutil.rmtree(self.profile_dir, ignore_errors=True)
-            raise
-        self.pgid = self.service.process.pid
-        try:
-            _BROWSER_REGISTRY.mkdir(exist_ok=True)
-            (_BROWSER_REGISTRY / str(self.pgid)).write_text(str(os.getpid()))
-            options = webdriver.ChromeOptions()
-            options.binary_location = chrome_binary
-            for flag in (*CHROMIUM_FLAGS, f"--window-size={cfg.window_size[0]},{cfg.window_size[1]}",
-                         f"--user-data-dir={self.profile_dir}"):
-                options.add_argument(flag)
-            url = self.service.service_url
-            connection = ChromiumRemoteConnection(
-                remote_server_addr=url, vendor_prefix="goog", browser_name="chrome", ignore_proxy=True,
-                client_config=ClientConfig(remote_server_addr=url, keep_alive=True,
-                                           timeout=int(max(1, cfg.command_timeout_s))))
-            self.driver = webdriver.Remote(command_executor=connection, options=options)
-            self.driver.set_script_timeout(cfg.command_timeout_s)
-            self.driver.set_page_load_timeout(cfg.command_timeout_s)
-        except BaseException:
-            self.kill()
-            raise
-
-    def pids(self) -> dict[str, list[int]]:
-        """{"chromedriver": [pid], "chromium": [browser pid, its helper pids...]} (the main browser first)."""
-        members = _group_members(self.pgid)
-        browser = sorted((p for p, n, _ in members if n != "chromedriver"),
-                         key=lambda pid: (not any(p == pid and ppid == self.pgid for p, _, ppid in members), pid))
-        return {"chromedriver": [p for p, n, _ in members if n == "chromedriver"], "chromium": browser}
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (driver and browser) and remove the profile; never blocks for long."""
-        _kill_group(self.pgid)
-        try:
-            self.service.process.wait(timeout=5)
-        except (subprocess.TimeoutExpired, OSError):
-            log.warning("chromedriver %d did not exit after SIGKILL.", self.pgid)
-        (_BROWSER_REGISTRY / str(self.pgid)).unlink(missing_ok=True)
-        shutil.rmtree(self.profile_dir, ignore_errors=True)
-
-    def quit(self) -> None:
-        try:
-            self.driver.quit()
-        except Exception as err:  # a dead browser cannot quit politely; the group is killed below anyway
-            log.debug("driver.quit() failed: %s", err)
-        self.kill()
 
 
 def _default_html_dir() -> Path:
@@ -391,7 +171,7 @@ class MiniWoBEnv:
         self.name = name
         self._chrome, self._driver_path, self._html = resolve_paths(self.cfg)
         self._rng = random.Random(seed)
-        self._browser: _Browser | None = None
+        self._browser: Browser | None = None
         self._episode: _Episode | None = None
         self._num_episodes = 0
         self._elements: dict[int, Element] = {}
@@ -410,7 +190,8 @@ class MiniWoBEnv:
         for attempt in range(1, self.cfg.start_attempts + 1):
             try:
                 if self._browser is None:
-                    self._browser = _Browser(self.cfg, self._chrome, self._driver_path)
+                    self._browser = Browser(self._chrome, self._driver_path, window_size=self.cfg.window_size,
+                                           command_timeout_s=self.cfg.command_timeout_s)
                 return self._begin(task, seed)
             except Exception as err:  # a dead or wedged browser: start a fresh one and try again
                 last_err = err
@@ -610,32 +391,13 @@ class MiniWoBEnv:
             chain.w3c_actions.perform()
             return self._elements.get(ref) if ref is not None else None, None
         if action.kind == "press":
-            _press(driver, action.key)
+            press_key(driver, action.key)
         elif action.kind == "scroll":
             dx, dy = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[action.direction]
             origin = ScrollOrigin.from_viewport(TASK_AREA[0] // 2, TASK_AREA[1] // 2)
             ActionChains(driver).scroll_from_origin(origin, dx * self.cfg.scroll_pixels,
                                                     dy * self.cfg.scroll_pixels).perform()
         return None, None
-
-
-def _press(driver: Any, key: str) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.keys import Keys
-
-    named = {"Enter": Keys.ENTER, "Tab": Keys.TAB, "Backspace": Keys.BACKSPACE, "Delete": Keys.DELETE,
-             "Escape": Keys.ESCAPE, "Space": Keys.SPACE, "ArrowUp": Keys.ARROW_UP, "ArrowDown": Keys.ARROW_DOWN,
-             "ArrowLeft": Keys.ARROW_LEFT, "ArrowRight": Keys.ARROW_RIGHT, "Home": Keys.HOME, "End": Keys.END,
-             "PageUp": Keys.PAGE_UP, "PageDown": Keys.PAGE_DOWN,
-             "Control": Keys.CONTROL, "Shift": Keys.SHIFT, "Alt": Keys.ALT, "Meta": Keys.META}
-    *mods, last = [key] if key == "+" else ([*key[:-2].split("+"), "+"] if key.endswith("++") else key.split("+"))
-    chain = ActionChains(driver, duration=0)
-    for mod in mods:
-        chain.key_down(named[mod])
-    chain.key_down(named.get(last, last)).key_up(named.get(last, last))
-    for mod in reversed(mods):
-        chain.key_up(named[mod])
-    chain.perform()
 
 
 def _flatten(node: Mapping[str, Any], out: dict[int, Element], *, label_text: str) -> None:
