@@ -21,6 +21,8 @@ import pytest
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
+from conftest import read_steps  # noqa: E402
+
 from rl.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,14 +45,6 @@ def common(model_dir: Path) -> list[str]:
             "logging.progress_bar=false", "run.num_steps=2", "run.save_every=0", "run.eval_every=0"]
 
 
-def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row.pop("step"), {}).update(row)
-    return rows
-
-
 def test_negfeedback_pgrpo_two_stages_then_recforge_eval(ray_local, tiny_model_dir, tmp_path, capsys):
     from recipes.negfeedback_pgrpo.main import main as run_recipe
     from rl import cli
@@ -65,7 +59,7 @@ def test_negfeedback_pgrpo_two_stages_then_recforge_eval(ray_local, tiny_model_d
                       [*common(tiny_model_dir), rewards, stages, "algorithm.kl_coef=0.001",
                        "data.num_train_candidates=4", "data.num_eval_candidates=4", "data.eval_k=[1, 3]"])
     run_dir = run_recipe(cfg, run_dir=tmp_path / "run")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [metrics[s]["curriculum/stage"] for s in (1, 2)] == [0.0, 1.0]
     assert [metrics[s]["curriculum/kl_coef"] for s in (1, 2)] == [0.0, 0.01]
     assert "loss/kl" in metrics[2] and metrics[1]["learner/grad_norm"] > 0
@@ -92,7 +86,7 @@ def test_recgpt_tags_two_steps_with_the_agent_judge(ray_local, tiny_model_dir, t
     cfg = load_config(ROOT / "recipes/recgpt_tags/debug.yaml",
                       [*common(tiny_model_dir), "rollout.num_samples_per_prompt=2", "data.num_eval_candidates=4"])
     run_dir = run_recipe(cfg, run_dir=tmp_path / "run")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     for step in (1, 2):
         row = metrics[step]
         assert row["reward/agent_judge/judged"] == 1.0  # the judge answered every dimension of every rollout
