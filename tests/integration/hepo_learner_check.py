@@ -2,7 +2,7 @@
 
 A real DeepSpeed Learner (one rank, gloo, ZeRO-2) with HEPO's value head: V starts at 0, one step moves it; the
 checkpoint holds the head (and its optimizer state), so a second learner loaded from it takes the same next step;
-exported weights leave the head out. Prints JSON: `python hepo_learner_check.py MODEL_DIR WORK_DIR`.
+exported weights leave the head out. Prints JSON: `python hepo_learner_check.py MODEL_DIR WORK_DIR [ZERO_STAGE]`.
 """
 
 import json
@@ -31,8 +31,9 @@ def batch() -> TrainBatch:
                       returns_BL=torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, 0.3]]))
 
 
-def learner(model_dir: str, micro: int = 2) -> Learner:
-    out = Learner(model_path=model_dir, learner_cfg=LearnerConfig(micro_batch_size=micro, lr=1e-2), algorithm_cfg=ALGO,
+def learner(model_dir: str, stage: int, micro: int = 2) -> Learner:
+    cfg = LearnerConfig(micro_batch_size=micro, lr=1e-2, zero_stage=stage)
+    out = Learner(model_path=model_dir, learner_cfg=cfg, algorithm_cfg=ALGO,
                   dtype="float32", temperature=1.0, rank=0, world_size=1, seed=0, max_completion_length=4)
     out.setup("127.0.0.1", free_port())
     return out
@@ -44,8 +45,9 @@ def step(lrn: Learner, b: TrainBatch) -> dict:
 
 def main() -> None:
     model_dir, work = sys.argv[1], Path(sys.argv[2])
+    stage = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     b = batch()
-    first = learner(model_dir)
+    first = learner(model_dir, stage)
     values_0 = first.values(b)
     step(first, b)
     values_1 = first.values(b)
@@ -58,7 +60,7 @@ def main() -> None:
     consolidated = export_checkpoint_weights(str(work / "ckpt"), "learner", str(work / "consolidated"))
     with safe_open(str(work / "consolidated" / "model.safetensors"), "pt") as handle:
         consolidated_keys = list(handle.keys())
-    resumed = learner(model_dir)
+    resumed = learner(model_dir, stage)
     resumed.load_checkpoint(str(work / "ckpt"), "learner")
     values_1_resumed = resumed.values(b)
     resumed_step = step(resumed, b)

@@ -1,6 +1,6 @@
-"""HEPO's value head in a real DeepSpeed learner on CPU (ZeRO-2, gloo): it starts at V = 0 and learns, it is saved
-and restored with the checkpoint (the resumed learner takes exactly the same next step, critic included), and no
-weight export for the rollout workers or `recforge eval` carries it.
+"""HEPO's value head in a real DeepSpeed learner on CPU (ZeRO-2 and ZeRO-3, gloo): it starts at V = 0 and learns, it
+is saved and restored with the checkpoint (the resumed learner takes exactly the same next step, critic included),
+and no weight export for the rollout workers or `recforge eval` carries it.
 
     flock /tmp/recforge-heavy.lock .venv/bin/python -m pytest tests/integration/test_value_head.py -q
 """
@@ -18,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def test_value_head_learns_resumes_exactly_and_stays_out_of_exports(tiny_model_dir, tmp_path):
-    out = subprocess.run([sys.executable, str(HERE / "hepo_learner_check.py"), str(tiny_model_dir), str(tmp_path)],
+@pytest.mark.parametrize("stage", [2, 3])
+def test_value_head_learns_resumes_exactly_and_stays_out_of_exports(tiny_model_dir, tmp_path, stage):
+    out = subprocess.run([sys.executable, str(HERE / "hepo_learner_check.py"), str(tiny_model_dir), str(tmp_path),
+                          str(stage)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
