@@ -21,6 +21,7 @@ deepspeed). Shape legend: N = B candidates, T tokens, L levels, V codes per leve
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -70,10 +71,9 @@ def with_levels(batch: TrainBatch, positions_NL: torch.Tensor, advantages_NL: to
     if advantages_NL is not None:
         advantages_BT.scatter_(1, positions_NL, advantages_NL.to(advantages_BT.dtype))
     returns_NL = torch.zeros(positions_NL.shape, dtype=torch.float32) if returns_NL is None else returns_NL
-    return TrainBatch(input_ids_BT=batch.input_ids_BT, attention_mask_BT=batch.attention_mask_BT,
-                      loss_mask_BT=loss_mask_BT, old_logprobs_BT=batch.old_logprobs_BT * loss_mask_BT,
-                      advantages_BT=advantages_BT, group_ids_B=batch.group_ids_B, level_positions_BL=positions_NL,
-                      returns_BL=returns_NL.to(torch.float32))
+    return replace(batch, loss_mask_BT=loss_mask_BT, old_logprobs_BT=batch.old_logprobs_BT * loss_mask_BT,
+                   advantages_BT=advantages_BT, level_positions_BL=positions_NL,
+                   returns_BL=returns_NL.to(torch.float32))
 
 
 def hepo_batch(base: TrainBatch, scored: Sequence[ScoredRollout], levels: SIDLevels,

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.advantages import LEVEL_ESTIMATORS
 from rl.config import AlgorithmConfig, LearnerConfig
-from rl.kernels import IGNORE_INDEX, fused_logprob_entropy
+from rl.kernels import IGNORE_INDEX, fused_logprob_entropy, restricted_logprob_entropy
 from rl.losses import policy_loss
 from rl.types import TrainBatch
 from rl.value_head import VALUE_HEAD, attach_value_head, hepo_micro_loss, is_value_head_tensor, level_values
@@ -209,16 +209,38 @@ class Learner:
         targets_BT = torch.full_like(input_ids_BT, IGNORE_INDEX)
         loss_mask_BT = batch.loss_mask_BT.to(self.device) > 0
         targets_BT[:, 1:] = torch.where(loss_mask_BT[:, 1:], input_ids_BT[:, 1:], IGNORE_INDEX)
+        rows_M, cols_M, allowed_MA = self._constrained_rows(batch, loss_mask_BT)
+        targets_BT[rows_M, cols_M] = IGNORE_INDEX  # scored over their allowed sets below, not the full vocabulary
         hidden_NH = hidden_BTH[:, :-1].reshape(-1, H)
         weight_VH = model.get_output_embeddings().weight
+        gather = self._lm_head_gather(model, weight_VH)
         logprob_N, entropy_N = fused_logprob_entropy(
             hidden_NH, weight_VH, targets_BT[:, 1:].reshape(-1), self.temperature,
-            chunk_size=self.cfg.logprob_chunk_size, gather=self._lm_head_gather(model, weight_VH),
+            chunk_size=self.cfg.logprob_chunk_size, gather=gather,
         )
         zeros_B1 = torch.zeros(B, 1, device=self.device, dtype=torch.float32)
         logprobs_BT = torch.cat([zeros_B1, logprob_N.view(B, T - 1)], dim=1)
         entropy_BT = torch.cat([zeros_B1, entropy_N.view(B, T - 1)], dim=1)
+        if rows_M.numel():
+            with gather() if gather is not None else contextlib.nullcontext():
+                logprob_M, entropy_M = restricted_logprob_entropy(
+                    hidden_BTH[rows_M, cols_M - 1], weight_VH, input_ids_BT[rows_M, cols_M], allowed_MA,
+                    self.temperature)
+            logprobs_BT = logprobs_BT.index_put((rows_M, cols_M), logprob_M)
+            entropy_BT = entropy_BT.index_put((rows_M, cols_M), entropy_M)
         return logprobs_BT, entropy_BT
+
+    def _constrained_rows(self, batch: TrainBatch, loss_mask_BT: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows_M, cols_M, allowed_MA): the loss positions the sampler drew under a token constraint, on device."""
+        if batch.allowed_positions_BC is None or batch.allowed_ids_BCA is None:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, empty, empty.view(0, 1)
+        positions_BC = batch.allowed_positions_BC.to(self.device)
+        rows_BC = torch.arange(positions_BC.shape[0], device=self.device)[:, None].expand_as(positions_BC)
+        keep_BC = positions_BC >= 0
+        keep_BC &= loss_mask_BT[rows_BC, positions_BC.clamp(min=0)]
+        return rows_BC[keep_BC], positions_BC[keep_BC], batch.allowed_ids_BCA.to(self.device)[keep_BC]
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -25,6 +25,8 @@ lines are skipped. Fields:
     action_mask            [int]           no          multi-turn: 1 on sampled, 0 on observation tokens (with ids)
     reward_hint            float           no          multi-turn: the environment's return (written when set)
     info                   object          no          multi-turn: trajectory facts for rewards (written when set)
+    allowed_token_ids      [[int]]         no          constrained decoding: per completion token the ids the sampler's
+                                                       mask allowed ([] = any); written with token ids when set
 
 Unknown fields are an error (a typo in a hand-written file must not pass unnoticed). Without token ids, a read
 `Rollout` has empty token tuples; the counts live in `RolloutRecord`. Example line:
@@ -55,6 +57,8 @@ FIELDS = (
 """The fields of single-turn lines, in the order the writer emits them."""
 MULTI_TURN_FIELDS = ("action_mask", "reward_hint", "info")
 """Fields multi-turn rollouts add after those (action_mask only with token ids); older files simply lack them."""
+CONSTRAINT_FIELDS = ("allowed_token_ids",)
+"""Constrained-decoding rollouts add this (with token ids only); older files simply lack it."""
 
 
 class RolloutFileError(ValueError):
@@ -111,6 +115,8 @@ def rollout_to_json(item: Rollout | ScoredRollout, *, step: int | None = None,
                    "logprobs": list(r.logprobs)}
         if r.action_mask is not None:
             record["action_mask"] = list(r.action_mask)
+        if r.allowed_token_ids is not None:
+            record["allowed_token_ids"] = [list(ids) for ids in r.allowed_token_ids]
     if r.reward_hint is not None:  # multi-turn fields only when set: single-turn lines stay as they were
         record["reward_hint"] = r.reward_hint
     if r.info:
@@ -178,7 +184,7 @@ def _check_header(data: dict[str, Any], where: str) -> None:
                                f"({ROLLOUT_FORMAT_VERSION}). Upgrade RecForge to read it.")
     if version < 1:
         raise RolloutFileError(f"{where}: format_version {version} is not valid (1..{ROLLOUT_FORMAT_VERSION}).")
-    known = FIELDS + MULTI_TURN_FIELDS
+    known = FIELDS + MULTI_TURN_FIELDS + CONSTRAINT_FIELDS
     unknown = [k for k in data if k not in known]
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
@@ -188,6 +194,14 @@ def _check_header(data: dict[str, Any], where: str) -> None:
 
 def _optional_tuple(values: list[Any] | None) -> tuple[Any, ...] | None:
     return None if values is None else tuple(values)
+
+
+def _allowed_ids(values: list[Any] | None, where: str) -> tuple[tuple[int, ...], ...] | None:
+    if values is None:
+        return None
+    if not all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in values):
+        raise RolloutFileError(f"{where}: field 'allowed_token_ids' must be a list of lists of token ids (ints).")
+    return tuple(tuple(ids) for ids in values)
 
 
 def rollout_from_json(data: Any, where: str = "<record>") -> RolloutRecord:
@@ -209,6 +223,7 @@ def rollout_from_json(data: Any, where: str = "<record>") -> RolloutRecord:
             action_mask=_optional_tuple(_get(data, "action_mask", (list, type(None)), where, None)),
             reward_hint=_get(data, "reward_hint", (float, type(None)), where, None),
             info=_get(data, "info", dict, where, {}),
+            allowed_token_ids=_allowed_ids(_get(data, "allowed_token_ids", (list, type(None)), where, None), where),
         )
     except RolloutFileError:
         raise

@@ -105,8 +105,28 @@ def build_train_batch(scored: Sequence[ScoredRollout], advantages_N: torch.Tenso
         old_BT[b, p: p + c] = torch.tensor(r.logprobs, dtype=torch.float32)
         adv_BT[b, p: p + c] = advantages_N[b]
         group_ids_B[b] = group_of.setdefault(r.sample.sample_id, len(group_of))
+    positions_BC, allowed_BCA = allowed_id_tensors([s.rollout for s in scored])
     return TrainBatch(input_ids_BT=input_ids_BT, attention_mask_BT=attention_BT, loss_mask_BT=loss_mask_BT,
-                      old_logprobs_BT=old_BT, advantages_BT=adv_BT, group_ids_B=group_ids_B)
+                      old_logprobs_BT=old_BT, advantages_BT=adv_BT, group_ids_B=group_ids_B,
+                      allowed_positions_BC=positions_BC, allowed_ids_BCA=allowed_BCA)
+
+
+def allowed_id_tensors(rollouts: Sequence[Rollout]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`TrainBatch.allowed_positions_BC` and `allowed_ids_BCA` from the rollouts' `allowed_token_ids` (-1 padded;
+    (None, None) when no rollout was constrained). Positions whose set is () (no constraint there) are left out."""
+    per_row = [[(len(r.prompt_token_ids) + c, ids) for c, ids in enumerate(r.allowed_token_ids or ()) if ids]
+               for r in rollouts]
+    num_cols = max((len(row) for row in per_row), default=0)
+    if num_cols == 0:
+        return None, None
+    width = max(len(ids) for row in per_row for _, ids in row)
+    positions_BC = torch.full((len(rollouts), num_cols), -1, dtype=torch.int64)
+    allowed_BCA = torch.full((len(rollouts), num_cols, width), -1, dtype=torch.int64)
+    for b, row in enumerate(per_row):
+        for c, (position, ids) in enumerate(row):
+            positions_BC[b, c] = position
+            allowed_BCA[b, c, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return positions_BC, allowed_BCA
 
 
 def reward_pair(scored: Sequence[ScoredRollout], business: str, semantic: str

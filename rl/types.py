@@ -61,6 +61,10 @@ class Rollout:
     read it; None for single-turn."""
     info: Mapping[str, Any] = field(default_factory=dict)
     """JSON-serialisable extras from multi-turn rollouts (turns, parse errors, milestones); empty for single-turn."""
+    allowed_token_ids: tuple[tuple[int, ...], ...] | None = None
+    """Constrained decoding (semantic IDs): per completion token, the token ids the sampler's logits mask allowed
+    there (() = the whole vocabulary at that position), len == len(completion_token_ids). `logprobs` are then those
+    of the masked distribution, and the learner renormalises over the same sets. None = unconstrained."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.completion_token_ids):
@@ -73,11 +77,35 @@ class Rollout:
                 f"Rollout {self.rollout_id}: action_mask has {len(self.action_mask)} entries for "
                 f"{len(self.completion_token_ids)} completion tokens; they must be equal."
             )
+        if self.allowed_token_ids is not None:
+            if len(self.allowed_token_ids) != len(self.completion_token_ids):
+                raise ValueError(
+                    f"Rollout {self.rollout_id}: allowed_token_ids has {len(self.allowed_token_ids)} entries for "
+                    f"{len(self.completion_token_ids)} completion tokens; they must be equal."
+                )
+            for position, (token, allowed) in enumerate(zip(self.completion_token_ids, self.allowed_token_ids,
+                                                            strict=True)):
+                if allowed and token not in allowed:
+                    raise ValueError(
+                        f"Rollout {self.rollout_id}: completion token {position} (id {token}) is not among the "
+                        f"{len(allowed)} ids allowed there; the constraint and the sampled tokens disagree."
+                    )
 
     @property
     def completion_hash(self) -> str:
         """sha1 of the completion text: part of the reward cache key."""
         return hashlib.sha1(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SIDBeam:
+    """One result of trie-constrained beam search: a complete semantic ID and its log-probability."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    """The decoded SID tokens (what `SIDIndex.parse` reads)."""
+    logprob: float
+    """Sum over its tokens of log p(token), each renormalised over the tokens the trie allowed there."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +147,11 @@ class TrainBatch:
         at each of the L semantic-ID levels; the value head reads the hidden state one position earlier (the state
         before the choice). None for token-level algorithms.
     returns_BL: float32 or None. HEPO: the value head's regression targets (GAE returns) per level.
-    """
+    allowed_positions_BC: int64 or None. Constrained decoding (`Rollout.allowed_token_ids`): position in input_ids
+        of each constrained completion token, -1 padding. None = no sequence was constrained.
+    allowed_ids_BCA: int64 or None. The token ids allowed at each of those positions, -1 padding; the learner's
+        log-prob and entropy there are over these ids only (the distribution the sampler drew from).
+"""
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
@@ -129,9 +161,11 @@ class TrainBatch:
     group_ids_B: torch.Tensor
     level_positions_BL: torch.Tensor | None = None
     returns_BL: torch.Tensor | None = None
+    allowed_positions_BC: torch.Tensor | None = None
+    allowed_ids_BCA: torch.Tensor | None = None
 
     def rows(self, lo: int, hi: int, *, width: int | None = None) -> TrainBatch:
-        """Sequences lo..hi-1 (and the first `width` columns when given), per-level fields included."""
+        """Sequences lo..hi-1 (and the first `width` columns when given), per-level and constraint fields included."""
         cols = slice(None) if width is None else slice(0, width)
         levels = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return TrainBatch(
@@ -139,6 +173,7 @@ class TrainBatch:
             loss_mask_BT=self.loss_mask_BT[lo:hi, cols], old_logprobs_BT=self.old_logprobs_BT[lo:hi, cols],
             advantages_BT=self.advantages_BT[lo:hi, cols], group_ids_B=self.group_ids_B[lo:hi],
             level_positions_BL=levels(self.level_positions_BL), returns_BL=levels(self.returns_BL),
+            allowed_positions_BC=levels(self.allowed_positions_BC), allowed_ids_BCA=levels(self.allowed_ids_BCA),
         )
 
     @property
@@ -172,3 +207,18 @@ class SIDLevels:
     @property
     def num_codes(self) -> int:
         return int(self.legal_NLV.shape[2])
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenCompletion:
+    """One completion of `rollouts.engine.RolloutWorker.generate_tokens` (multi-turn rollouts): the sampled ids
+    exactly as vLLM produced them."""
+
+    token_ids: tuple[int, ...]
+    """Sampled token ids, EOS included when the model stopped on it."""
+    logprobs: tuple[float, ...]
+    """Processed (tempered, top-p) sampler log-prob of each sampled id; zeros for greedy (temperature 0) requests."""
+    text: str
+    """vLLM's decoded text of the completion (special tokens skipped), what the environment executes."""
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (hit max_new_tokens)."""

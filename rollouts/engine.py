@@ -41,12 +41,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rl.types import Rollout, Sample
-from rollouts.sid_processor import SID_TRIE_ARG, SIDTrieMask, check_sid_trie_arg, request_mask, write_sid_trie
+from rl.types import Rollout, Sample, SIDBeam, TokenCompletion
+from rollouts.sid_processor import (
+    SID_PREFIX_ARG,
+    SID_TRIE_ARG,
+    SIDBeamSearch,
+    SIDTrieMask,
+    allowed_sets,
+    check_sid_trie_arg,
+    load_sid_trie,
+    request_mask,
+    write_sid_trie,
+)
 from rollouts.weight_receiver import WeightsDirError as WeightsDirError  # re-exported: raised by reload_weights
 from rollouts.weight_receiver import reload_files
 
@@ -170,6 +179,7 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_text_config
         self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.max_logprobs = int(self.llm.llm_engine.model_config.max_logprobs)
         self._policy_version = 0
         self._sleeping = False
         self.sid_trie_path: str | None = None
@@ -266,9 +276,10 @@ class RolloutWorker:
         ]
         prompts = [TokensPrompt(prompt_token_ids=prompt_ids) for prompt_ids in prompt_ids_per_sample]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        trie_path = (params[0].extra_args or {}).get(SID_TRIE_ARG) if params else None
         rollouts: list[Rollout] = []
         for sample, prompt_ids, output in zip(samples, prompt_ids_per_sample, outputs, strict=True):
-            rollouts.extend(self._group(sample, prompt_ids, output, num_samples, policy_version))
+            rollouts.extend(self._group(sample, prompt_ids, output, num_samples, policy_version, trie_path))
         return rollouts
 
     def generate_greedy(self, samples: Sequence[Sample], *, max_new_tokens: int, stop: Sequence[str] = (),
@@ -284,10 +295,37 @@ class RolloutWorker:
                                 extra_args=self._sid_args(constrain_sids, max_new_tokens))
         prompts = [TokensPrompt(prompt_token_ids=prompt_ids) for prompt_ids in prompt_ids_per_sample]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        trie_path = (params.extra_args or {}).get(SID_TRIE_ARG)
         rollouts: list[Rollout] = []
         for sample, prompt_ids, output in zip(samples, prompt_ids_per_sample, outputs, strict=True):
-            rollouts.extend(self._group(sample, prompt_ids, output, 1, policy_version))
+            rollouts.extend(self._group(sample, prompt_ids, output, 1, policy_version, trie_path))
         return rollouts
+
+    def beam_search_sids(self, samples: Sequence[Sample], *, num_beams: int, policy_version: int
+                         ) -> list[list[SIDBeam]]:
+        """Per sample, its `num_beams` most likely valid SIDs, best first: trie-constrained beam search on this
+        engine, one token per round (rollouts/sid_processor.py `SIDBeamSearch`). Each round asks vLLM for the masked
+        top-`num_beams` log-probs after prompt + beam prefix; the prefix cache keeps the prompt's KV across rounds."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_request(samples, num_samples=1, temperature=1.0, policy_version=policy_version)
+        if self.sid_trie_path is None:
+            raise RolloutRequestError("beam_search_sids() needs a worker built with a sid_index (rollout.sid_index).")
+        if num_beams > self.max_logprobs:
+            raise RolloutRequestError(f"num_beams={num_beams} is above vLLM's max_logprobs={self.max_logprobs}; "
+                                      "lower the beam width (data.eval_k).")
+        prompt_ids = [self.tokenize(sample.prompt) for sample in samples]
+        search = SIDBeamSearch(load_sid_trie(self.sid_trie_path), len(samples), num_beams)
+        while queries := search.pending():
+            params = [SamplingParams(n=1, temperature=1.0, max_tokens=1, logprobs=num_beams, seed=0,
+                                     extra_args={SID_TRIE_ARG: self.sid_trie_path, SID_PREFIX_ARG: list(prefix)})
+                      for _, prefix in queries]
+            prompts = [TokensPrompt(prompt_token_ids=prompt_ids[sample] + list(prefix)) for sample, prefix in queries]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            search.update([{token: lp.logprob for token, lp in out.outputs[0].logprobs[0].items()} for out in outputs])
+        return [[SIDBeam(token_ids=ids, text=self.tokenizer.decode(list(ids)), logprob=score) for ids, score in hits]
+                for hits in search.results()]
 
     def _sid_args(self, constrain_sids: bool | None, max_new_tokens: int) -> dict[str, Any] | None:
         """`extra_args` that switch the SID trie mask on for a request (None = unconstrained)."""
@@ -324,8 +362,11 @@ class RolloutWorker:
             raise RolloutRequestError(f"Duplicate sample ids in one generate call would duplicate rollout ids: {ids}")
 
     def _group(
-        self, sample: Sample, prompt_ids: list[int], output: RequestOutput, num_samples: int, policy_version: int
+        self, sample: Sample, prompt_ids: list[int], output: RequestOutput, num_samples: int, policy_version: int,
+        trie_path: str | None = None,
     ) -> list[Rollout]:
+        """The request's completions as Rollouts; with `trie_path` (a constrained request) each records the token
+        ids the trie mask allowed at every position, which the learner renormalises over."""
         completions = sorted(output.outputs, key=lambda completion: completion.index)
         assert [c.index for c in completions] == list(range(num_samples)), "vLLM returned an incomplete group"
         group: list[Rollout] = []
@@ -350,6 +391,7 @@ class RolloutWorker:
                     logprobs=logprobs,
                     finish_reason=completion.finish_reason,
                     policy_version=policy_version,
+                    allowed_token_ids=None if trie_path is None else allowed_sets(load_sid_trie(trie_path), token_ids),
                 )
             )
         return group
@@ -562,17 +604,3 @@ class RolloutWorker:
             out.append(TokenCompletion(token_ids=token_ids, logprobs=logprobs, text=completion.text,
                                        finish_reason=completion.finish_reason))
         return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenCompletion:
-    """One completion of `RolloutWorker.generate_tokens`: the sampled ids exactly as vLLM produced them."""
-
-    token_ids: tuple[int, ...]
-    """Sampled token ids, EOS included when the model stopped on it."""
-    logprobs: tuple[float, ...]
-    """Processed (tempered, top-p) sampler log-prob of each sampled id; zeros for greedy (temperature 0) requests."""
-    text: str
-    """vLLM's decoded text of the completion (special tokens skipped), what the environment executes."""
-    finish_reason: str
-    """"stop" (EOS or a stop string) or "length" (hit max_new_tokens)."""

@@ -30,7 +30,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from rl.config import ClusterConfig, ModelConfig, RolloutConfig
 from rl.health import ping
-from rl.types import Rollout, Sample
+from rl.types import Rollout, Sample, SIDBeam
 from rollouts.engine import RolloutWorker, TokenCompletion
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,25 @@ class RolloutPool:
                     raise RolloutIntegrityError(f"Worker {worker} lost or duplicated evaluation rollouts.")
                 rollouts.extend(results[worker])
         return rollouts
+
+    def beam_search_sids(self, samples: Sequence[Sample], *, num_beams: int) -> list[list[SIDBeam]]:
+        """Per sample (input order), its `num_beams` most likely valid SIDs under the current weights, best first
+        (trie-constrained beam search; workers built with a sid_index)."""
+        version = self.policy_version
+
+        def call_for(shard: list[Sample]) -> ActorCall:
+            return lambda actor: actor.beam_search_sids.remote(shard, num_beams=num_beams, policy_version=version)
+
+        shards = shard_samples(samples, self.num_workers)
+        results = self._run_all({worker: call_for(shard) for worker, shard in enumerate(shards) if shard})
+        out: list[list[SIDBeam]] = []
+        for worker, shard in enumerate(shards):
+            if shard:
+                if len(results[worker]) != len(shard):
+                    raise RolloutIntegrityError(f"Worker {worker} returned beams for {len(results[worker])} of "
+                                                f"{len(shard)} samples.")
+                out.extend(results[worker])
+        return out
 
     def sync(self, weights_dir: str, policy_version: int) -> dict[str, float]:
         """Reload every worker from `weights_dir` (HF-named safetensors) in parallel; remembered for restarts."""

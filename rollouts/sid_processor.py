@@ -11,9 +11,11 @@ is here and runs without vLLM:
 - `SIDTrieMask` keeps, at each step, only the tokens that continue a valid SID (the end ids once the SID is complete),
   so every constrained completion is exactly one real item's SID.
 
-The sampler's log-probs are those of the masked distribution (the one sampled from); the learner recomputes unmasked
-log-probs and uses its own as the ratio's reference, so training needs no change (the sampler/learner log-prob gap
-metric shows log Z_allowed).
+The sampler's log-probs are those of the masked distribution (the one sampled from). So that the learner trains that
+same policy, each constrained rollout also records the token ids the mask allowed at every completion position
+(`allowed_sets`, stored as `Rollout.allowed_token_ids`); the learner renormalises its log-probs and entropy over those
+sets (rl/kernels/restricted.py). Scoring the full vocabulary instead would push probability onto tokens the sampler
+can never emit and put noise gradient on forced tokens (a single legal code, the end token), which carry none here.
 
 Shape legend: V vocabulary.
 """
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 SID_TRIE_ARG = "recforge_sid_trie"
 """`SamplingParams.extra_args` key: path of the token-id trie file that constrains the request to valid SIDs."""
+SID_PREFIX_ARG = "recforge_sid_prefix"
+"""`SamplingParams.extra_args` key (with SID_TRIE_ARG): SID token ids already chosen, at the end of the prompt; the
+mask continues from there (beam search extends its beams one token per request this way)."""
 
 
 def write_sid_trie(index: SIDIndex, token_to_id: Mapping[str, int], end_ids: Sequence[int], directory: Path) -> Path:
@@ -72,19 +77,17 @@ class SIDTrieMask:
     tokens added since the last call are stepped through (from scratch if the list shrank, e.g. after preemption).
     """
 
-    def __init__(self, trie: SIDTrie) -> None:
+    def __init__(self, trie: SIDTrie, prefix: Sequence[int] = ()) -> None:
         self.trie = trie
-        self.node = 0
+        self.start = trie.node_for(prefix) if prefix else 0
+        if self.start < 0:
+            raise ValueError(f"SID prefix {list(prefix)} is not the start of any item's semantic ID.")
+        self.node = self.start
         self.num_seen = 0
 
     def __call__(self, output_token_ids: list[int], logits_V: torch.Tensor) -> torch.Tensor:
-        if len(output_token_ids) < self.num_seen:
-            self.node, self.num_seen = 0, 0
-        for token in output_token_ids[self.num_seen:]:
-            if not self.trie.is_leaf(self.node):
-                self.node = self.trie.step(self.node, token)
-        self.num_seen = len(output_token_ids)
-        if self.node < 0 or self.trie.is_leaf(self.node):
+        self.advance(output_token_ids)
+        if self.finished:
             # Finished (or, impossibly, off the trie): only an end token may follow.
             allowed = torch.tensor(self.trie.end_ids, dtype=torch.long)
             if allowed.numel() == 0:
@@ -95,6 +98,35 @@ class SIDTrieMask:
             return logits_V
         return self.trie.mask_logits_(logits_V, node=self.node)
 
+    def advance(self, output_token_ids: Sequence[int]) -> None:
+        """Walk the trie along the tokens added since the last call (from the root if the list shrank)."""
+        if len(output_token_ids) < self.num_seen:
+            self.node, self.num_seen = self.start, 0
+        for token in output_token_ids[self.num_seen:]:
+            if not self.trie.is_leaf(self.node):
+                self.node = self.trie.step(self.node, token)
+        self.num_seen = len(output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.node < 0 or self.trie.is_leaf(self.node)
+
+    def allowed_now(self) -> tuple[int, ...]:
+        """The token ids `__call__` keeps at the current position; () when it keeps the whole vocabulary."""
+        return tuple(self.trie.end_ids) if self.finished else tuple(self.trie.allowed_at(self.node))
+
+
+def allowed_sets(trie: SIDTrie, completion_ids: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """For each completion token, the token ids the trie mask allowed when it was sampled (() = no constraint there).
+
+    Replays `SIDTrieMask` along the completion, so the sets are exactly the ones vLLM's logits processor applied."""
+    mask = SIDTrieMask(trie)
+    sets = []
+    for position in range(len(completion_ids)):
+        mask.advance(completion_ids[:position])
+        sets.append(mask.allowed_now())
+    return tuple(sets)
+
 
 def check_sid_trie_arg(extra_args: Mapping[str, Any] | None) -> None:
     """Raise ValueError when a request's `extra_args[SID_TRIE_ARG]` is set but names no readable trie file."""
@@ -102,9 +134,70 @@ def check_sid_trie_arg(extra_args: Mapping[str, Any] | None) -> None:
     if path is not None and not (isinstance(path, str) and Path(path).is_file()):
         raise ValueError(f"extra_args[{SID_TRIE_ARG!r}]={path!r} is not a readable SID trie file; pass the path "
                          "`write_sid_trie` returned (RolloutWorker.sid_trie_path), or leave the key out.")
+    prefix = (extra_args or {}).get(SID_PREFIX_ARG)
+    if prefix is not None:
+        if path is None or not (isinstance(prefix, list) and all(isinstance(t, int) for t in prefix)):
+            raise ValueError(f"extra_args[{SID_PREFIX_ARG!r}]={prefix!r}: give a list of token ids, together with "
+                             f"extra_args[{SID_TRIE_ARG!r}].")
+        if load_sid_trie(path).node_for(prefix) < 0:
+            raise ValueError(f"extra_args[{SID_PREFIX_ARG!r}]={prefix} is not the start of any item's semantic ID.")
 
 
 def request_mask(extra_args: Mapping[str, Any] | None) -> SIDTrieMask | None:
     """The mask for a request with these `extra_args` (None when it does not ask for SID constraints)."""
     path = (extra_args or {}).get(SID_TRIE_ARG)
-    return None if path is None else SIDTrieMask(load_sid_trie(path))
+    if path is None:
+        return None
+    return SIDTrieMask(load_sid_trie(path), prefix=(extra_args or {}).get(SID_PREFIX_ARG) or ())
+
+
+class SIDBeamSearch:
+    """Beam search over valid SIDs, one token per round, for any engine that returns top-k next-token log-probs
+    under the trie mask (the rollout worker asks vLLM for them, prompt + beam prefix, `SID_PREFIX_ARG`).
+
+    Each round `pending()` lists the (sample, prefix) beams to extend; the caller feeds back, per beam, the masked
+    log-probs of its top tokens (`update`). A beam's score is the sum of its tokens' log-probs, each renormalised over
+    the tokens the trie allows there (as `rollouts.sid_trie.constrained_beam_search` scores). Every sample keeps its
+    `num_beams` best open beams; a beam that completes an SID leaves the search, and the search ends when no sample
+    has an open beam that could still beat its `num_beams`-th finished one (scores only fall as a beam grows).
+    """
+
+    def __init__(self, trie: SIDTrie, num_samples: int, num_beams: int) -> None:
+        if num_beams < 1:
+            raise ValueError(f"num_beams={num_beams} must be >= 1.")
+        self.trie = trie
+        self.num_beams = num_beams
+        self.open: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(num_samples)]
+        self.finished: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(num_samples)]
+
+    def pending(self) -> list[tuple[int, tuple[int, ...]]]:
+        return [(sample, prefix) for sample, beams in enumerate(self.open) for _, prefix in beams]
+
+    def update(self, top_logprobs: Sequence[Mapping[int, float]]) -> None:
+        """`top_logprobs[i]`: token id → masked log-prob for the i-th beam of `pending()` (non-finite entries, i.e.
+        tokens the mask removed, are ignored)."""
+        queries = self.pending()
+        if len(top_logprobs) != len(queries):
+            raise ValueError(f"{len(top_logprobs)} results for {len(queries)} pending beams.")
+        candidates: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in self.open]
+        score_of = {(sample, prefix): score for sample, beams in enumerate(self.open) for score, prefix in beams}
+        for (sample, prefix), tops in zip(queries, top_logprobs, strict=True):
+            node = self.trie.node_for(prefix)
+            allowed = set(self.trie.allowed_at(node))
+            for token, logprob in tops.items():
+                if token in allowed and logprob > float("-inf"):
+                    candidates[sample].append((score_of[sample, prefix] + logprob, (*prefix, token)))
+        for sample, cands in enumerate(candidates):
+            cands.sort(key=lambda c: (-c[0], c[1]))  # ties broken by token ids: deterministic
+            self.open[sample] = []
+            for score, seq in cands[: self.num_beams]:
+                (self.finished[sample] if self.trie.is_leaf(self.trie.node_for(seq)) else self.open[sample]).append(
+                    (score, seq))
+            done = sorted(self.finished[sample], key=lambda c: (-c[0], c[1]))[: self.num_beams]
+            if len(done) == self.num_beams:  # open beams that cannot enter the top list are dropped
+                self.open[sample] = [b for b in self.open[sample] if b[0] > done[-1][0]]
+
+    def results(self) -> list[list[tuple[tuple[int, ...], float]]]:
+        """Per sample, its best finished SIDs (token ids, score), best first, at most `num_beams`."""
+        return [[(seq, score) for score, seq in sorted(done, key=lambda c: (-c[0], c[1]))[: self.num_beams]]
+                for done in self.finished]

@@ -14,8 +14,8 @@ the trie allowed after the chosen prefix; the last level earns the business valu
 GAE(γ, λ) for l < L and the z-score of r_L over the request's K candidates at l = L; the loss is the clipped policy
 loss per level weighted c_l plus the value loss. Optional SFT warm-start first (`sft.num_steps`, rl/sft.py: history
 → next SID plus title ↔ SID pairs), as in sgrec_a2po. Evaluation on held-out users' next (validation) item, shared
-with sgrec_a2po: HR@K/NDCG@K over the catalogue (greedy constrained SID first, then constrained samples by log-prob)
-and the share of valid and of distinct generated items.
+with sgrec_a2po: HR@K/NDCG@K over the catalogue (trie-constrained beam search in the vLLM workers), the share of valid
+and of distinct greedy items, and the raw eCPM of greedy and sampled items.
 
 Local (CPU or one GPU, everything colocated):
     recforge run gpr_hepo --config debug [run.num_steps=30 ...]

@@ -13,12 +13,10 @@ real item. Rewards (debug.yaml): `ecpm` (business value of the generated item, m
 fraction of rollouts. A2PO (`algorithm.advantage: a2po`, rl/advantages.py) standardises both within the group and
 adds λ·A_sem to A_biz only where the signs agree, so the judge can sharpen but never overturn the business signal;
 unjudged rollouts keep A_biz. The judge's weight in `reward.rewards` is 0: `reward/total` is the business reward.
-Evaluation on held-out users' next (validation) item over the whole catalogue: the greedy constrained SID is rank 1,
-then the distinct items among 2·max(K) constrained samples (at rollout.temperature) ranked by their sampled SID
-log-probability — a sampled stand-in for TIGER's trie beam search (rollouts/sid_trie.py has the exact transformers
-beam search, but during training the weights live in the vLLM workers) — giving HR@K and NDCG@K for `data.eval_k`,
-plus the share of valid SIDs and of distinct greedy items, and the mean raw eCPM of the greedy and sampled items
-(the business value the `ecpm` reward optimises).
+Evaluation on held-out users' next (validation) item over the whole catalogue: trie-constrained beam search with
+max(K) beams inside the vLLM workers (as TIGER ranks items) gives HR@K and NDCG@K for `data.eval_k`; the greedy
+constrained SID gives the share of valid SIDs and of distinct items; and the mean raw eCPM of the greedy item and of
+2·max(K) items sampled at rollout.temperature per user is the business value the `ecpm` reward optimises.
 
 Local (CPU or one GPU, everything colocated):
     recforge run sgrec_a2po --config debug [run.num_steps=30 ...]
@@ -164,40 +162,18 @@ def sft_warm_start(cfg: Config, model_path: str, prompts: TrainPrompts, data, in
     return result.model_path
 
 
-def rank_items(greedy, sampled) -> list:
-    """The evaluation's ranked list: the greedy item first, then each distinct sampled item by its best SID log-prob
-    (descending; ties by first appearance). `greedy`: an item or None; `sampled`: (item or None, log-prob) pairs."""
-    best: dict = {}
-    for item, logprob in sampled:
-        if item is not None and item != greedy and logprob > best.get(item, -math.inf):
-            best[item] = logprob
-    order = sorted(best, key=lambda item: -best[item])  # stable: ties keep first appearance
-    return ([greedy] if greedy is not None else []) + order
-
-
 def eval_copies(samples: list[Sample], *, max_k: int, group: int) -> list[Sample]:
-    """The sampled part's requests: enough copies of every sample ("{id}#{r}") for 2·max(K) completions each at G
-    per request (none when max(K) = 1: HR@1 is the greedy item's)."""
+    """The sampled part's requests (for `eval/ecpm_sampled`): enough copies of every sample ("{id}#{r}") for
+    2·max(K) completions each at G per request (none when max(K) = 1)."""
     repeats = math.ceil(2 * max_k / group) if max_k > 1 else 0
     return [dataclasses.replace(s, sample_id=f"{s.sample_id}#{r}") for r in range(repeats) for s in samples]
 
 
-def per_sample(draws: list, *, num_samples: int, group: int) -> list[list]:
-    """The sampled completions' (item, log-prob) regrouped per sample: G per copy in input order, and copy c is
-    sample c % N (`eval_copies` repeats the N samples in order)."""
-    out: list[list] = [[] for _ in range(num_samples)]
-    for c, draw in enumerate(draws):
-        out[(c // group) % num_samples].append(draw)
-    return out
-
-
-def ranking_metrics(targets: list, greedy: list, sampled: list[list], *, eval_k: list[int]) -> dict[str, float]:
-    """HR@K and NDCG@K of each user's target in `rank_items(greedy, sampled)`, and the shares of valid and of
-    distinct greedy items (`greedy[i]` None: user i's greedy completion named no item)."""
-    ranks = []
-    for target, first, draws in zip(targets, greedy, sampled, strict=True):
-        ranked = rank_items(first, draws)
-        ranks.append(ranked.index(target) if target in ranked else None)
+def ranking_metrics(targets: list, ranked: list[list], greedy: list, *, eval_k: list[int]) -> dict[str, float]:
+    """HR@K and NDCG@K of each user's target in its ranked item list (`ranked[i]`, best first: the beam search's
+    items), and the shares of valid and of distinct greedy items (`greedy[i]` None: user i's greedy completion
+    named no item)."""
+    ranks = [items.index(target) if target in items else None for target, items in zip(targets, ranked, strict=True)]
     out: dict[str, float] = {}
     for k in eval_k:
         out[f"eval/hr@{k}"] = sum(r is not None and r < k for r in ranks) / len(ranks)
@@ -209,9 +185,9 @@ def ranking_metrics(targets: list, greedy: list, sampled: list[list], *, eval_k:
 
 
 def make_evaluate(task, cfg: Config):
-    """HR@K and NDCG@K of held-out users' next item over the catalogue (see the module docstring), valid and distinct
-    item shares; HR@1 is the greedy SID's hit rate. With an `ecpm` reward in the config, also the business value the
-    RL reward optimises, as raw eCPM: `eval/ecpm` of the greedy items, `eval/ecpm_sampled` of the sampled ones."""
+    """HR@K and NDCG@K of held-out users' next item over the catalogue by beam search (see the module docstring),
+    valid and distinct greedy-item shares. With an `ecpm` reward in the config, also the business value the RL reward
+    optimises, as raw eCPM: `eval/ecpm` of the greedy items, `eval/ecpm_sampled` of the sampled ones."""
     samples = task.samples(limit=cfg.data.num_eval_users, seed=cfg.run.seed + 17)
     group = cfg.rollout.num_samples_per_prompt
     copies = eval_copies(samples, max_k=max(cfg.data.eval_k), group=group)
@@ -220,13 +196,13 @@ def make_evaluate(task, cfg: Config):
 
     def evaluate(policy, step: int) -> dict[str, float]:
         greedy_rollouts = policy.pool.generate_greedy(samples, max_new_tokens=cfg.rollout.max_new_tokens)
+        beams = policy.pool.beam_search_sids(samples, num_beams=max(cfg.data.eval_k))
+        ranked = [[parse(beam.text) for beam in hits] for hits in beams]
+        out = ranking_metrics([s.metadata["item_id"] for s in samples], ranked,
+                              [parse(r.text) for r in greedy_rollouts], eval_k=cfg.data.eval_k)
         rollouts = []
         if copies:
             rollouts = policy.pool.generate(copies, policy_version=policy.pool.policy_version, seed=cfg.run.seed + 17)
-        sampled = per_sample([(parse(r.text), sum(r.logprobs)) for r in rollouts], num_samples=len(samples),
-                             group=group)
-        out = ranking_metrics([s.metadata["item_id"] for s in samples], [parse(r.text) for r in greedy_rollouts],
-                              sampled, eval_k=cfg.data.eval_k)
         if value is not None:
             out["eval/ecpm"] = _mean(value(greedy_rollouts))
             if rollouts:

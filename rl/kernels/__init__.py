@@ -15,8 +15,10 @@ from rl.kernels.chunked import (
     fused_logprob_entropy_zero3,
 )
 from rl.kernels.reference import IGNORE_INDEX, naive_logprob_entropy
+from rl.kernels.restricted import AllowedTokensError, restricted_logprob_entropy
 
 __all__ = [
+    "AllowedTokensError",
     "DEFAULT_CHUNK_SIZE_CPU",
     "DEFAULT_CHUNK_SIZE_GPU",
     "IGNORE_INDEX",
@@ -24,4 +26,5 @@ __all__ = [
     "fused_logprob_entropy",
     "fused_logprob_entropy_zero3",
     "naive_logprob_entropy",
+    "restricted_logprob_entropy",
 ]

@@ -26,15 +26,22 @@ def main() -> None:
     mask_BT = torch.zeros(3, 12)
     mask_BT[:, 6:] = 1
     mask_BT[2, 10:] = 0  # unequal lengths
+    # Positions 6-8 as if sampled under a constraint (rl/kernels/restricted.py): 3, 2 and 1 (forced) allowed ids.
+    positions_BC = torch.tensor([[6, 7, 8]] * 3)
+    allowed_BCA = torch.full((3, 3, 3), -1)
+    for c, width in enumerate((3, 2, 1)):
+        allowed_BCA[:, c, :width] = ids_BT[:, 6 + c, None] + torch.arange(width)
     batch = TrainBatch(input_ids_BT=ids_BT, attention_mask_BT=torch.ones_like(ids_BT), loss_mask_BT=mask_BT,
                        old_logprobs_BT=torch.zeros(3, 12), group_ids_B=torch.zeros(3, dtype=torch.long),
-                       advantages_BT=mask_BT * torch.tensor([[1.0], [-1.0], [0.5]]))
+                       advantages_BT=mask_BT * torch.tensor([[1.0], [-1.0], [0.5]]),
+                       allowed_positions_BC=positions_BC, allowed_ids_BCA=allowed_BCA)
+    before = learner.logprobs(batch)
     num_micro = -(-3 // micro)
     metrics = learner.train(batch, loss_denominator=float(mask_BT.sum()), num_micro_batches=num_micro,
                             entropy_coef=0.0)
     after = learner.logprobs(batch)
     print(json.dumps({"grad_norm": metrics["learner/grad_norm"], "loss": metrics["loss/policy"],
-                      "logprobs": after.tolist()}))
+                      "logprobs": after.tolist(), "before": before.tolist()}))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def test_two_hepo_steps_on_constrained_semantic_ids(hepo_run):
             parsed = index.parse(record["completion"])
             assert len(parsed) == 1 and parsed[0] is not None, record["completion"]
     assert rows[1]["hepo/value_mean"] == 0.0  # the zero-initialised critic before any update
+    # The learner scores the distribution the sampler drew from (log-softmax over the tokens the trie allowed), so at
+    # step 1, with the same weights on both sides, the two agree; scored over the whole vocabulary they differ by nats.
+    assert rows[1]["rollout/logprob_mismatch_max"] < 1e-3, rows[1]
     assert rows[2]["hepo/value_mean"] != 0.0  # ... has learned from step 1's returns
     assert rows[2]["eval/valid_sid_frac"] == 1.0 and 0.0 <= rows[2]["eval/hr@1"] <= 1.0
 

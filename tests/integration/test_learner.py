@@ -1,5 +1,6 @@
 """Real DeepSpeed learners on CPU: micro-batches with the full-batch denominator give the same update as one batch,
-under ZeRO-2 and ZeRO-3 (with the fused log-prob kernel and a tied lm_head gathered for the call)."""
+under ZeRO-2 and ZeRO-3 (with the fused log-prob kernel and a tied lm_head gathered for the call, and with three
+positions scored over constrained-decoding allowed sets, one of them forced)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,6 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tiny_model_dir, stage
     for row_split, row_one in zip(split["logprobs"], one["logprobs"], strict=True):
         assert row_split == pytest.approx(row_one, abs=1e-4)
     assert one["grad_norm"] > 0
+    # Positions 6-8 are scored over their allowed ids: the forced one (position 8) has log-prob 0 before and after.
+    for row in (*one["before"], *one["logprobs"]):
+        assert row[8] == 0.0 and row[7] < 0.0 and row[6] < 0.0

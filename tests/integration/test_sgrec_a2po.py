@@ -61,6 +61,9 @@ def test_two_a2po_steps_on_constrained_semantic_ids_after_sft(sgrec_run):
             assert len(parsed) == 1 and parsed[0] is not None, record["completion"]
             assert record["rewards"]["ecpm"]["details"]["item_id"] == parsed[0]
     assert sum(rows[s]["a2po/frac_judged"] for s in (1, 2)) > 0  # the judge did score some rollouts
+    # The learner scores the distribution the sampler drew from (log-softmax over the tokens the trie allowed), so at
+    # step 1, with the same weights on both sides, the two agree; scored over the whole vocabulary they differ by nats.
+    assert rows[1]["rollout/logprob_mismatch_max"] < 1e-3, rows[1]
     assert rows[2]["eval/valid_sid_frac"] == 1.0 and 0.0 <= rows[2]["eval/hr@1"] <= rows[2]["eval/hr@3"] <= 1.0
     # Another run in the same directory reads the saved index back to the same mapping.
     data = RecData.load_movielens(assets.require("data"))

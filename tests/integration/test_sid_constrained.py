@@ -120,6 +120,8 @@ def test_constrained_greedy_and_logprobs_match_transformers_over_the_trie(worker
     with torch.no_grad():
         for token in rollout.completion_token_ids[:LEVELS]:
             allowed = list(trie.allowed_next(prefix[len(rollout.prompt_token_ids):]))
+            # The rollout records the set it was sampled under, for the learner to renormalise over.
+            assert rollout.allowed_token_ids[len(expected_lp)] == tuple(allowed)
             logits = model(input_ids=torch.tensor([prefix])).logits[0, -1]
             expected_lp.append(float(torch.log_softmax(logits[allowed], -1)[allowed.index(token)]))
             prefix.append(token)
@@ -132,3 +134,20 @@ def test_constraint_needs_room_for_the_whole_sid(worker):
     with pytest.raises(RolloutRequestError, match="max_new_tokens=2 is shorter than the longest semantic ID"):
         worker.generate(prompts(1), num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=2, stop=[],
                         policy_version=0)
+
+
+def test_beam_search_in_vllm_finds_the_same_top_items_as_the_exact_transformers_search(worker, sid_setup):
+    from transformers import AutoModelForCausalLM
+
+    from rollouts.sid import constrained_beam_search
+
+    model_dir, index, token_to_id = sid_setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trie = index.trie(token_to_id, end_ids=[worker.tokenizer.eos_token_id])
+    samples = prompts(3)
+    beams = worker.beam_search_sids(samples, num_beams=5, policy_version=0)
+    for sample, hits in zip(samples, beams, strict=True):
+        expected = constrained_beam_search(model, worker.tokenize(sample.prompt), trie, num_beams=5)
+        assert [h.token_ids for h in hits] == [e.token_ids for e in expected]
+        assert [h.logprob for h in hits] == pytest.approx([e.logprob for e in expected], abs=5e-3)
+        assert [index.parse(h.text)[0] for h in hits] == [e.item_id for e in expected]

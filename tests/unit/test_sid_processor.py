@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from rollouts.sid import SIDIndex
 from rollouts.sid_processor import (
+    SID_PREFIX_ARG,
     SID_TRIE_ARG,
+    SIDBeamSearch,
     SIDTrieMask,
     check_sid_trie_arg,
     load_sid_trie,
@@ -92,3 +94,42 @@ def test_a_tied_model_needs_the_embedding_or_an_lm_head(tmp_path):
     save_file({"model.norm.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsDirError, match="neither lm_head.weight nor model.embed_tokens.weight"):
         reload_files(str(tmp_path), tied_embeddings=True)
+
+
+# -- beam search bookkeeping (the rollout worker drives it with vLLM's masked top-k log-probs) ----------------------
+
+# Next-token probabilities under the trie mask: <a_0> .7 / <a_1> .3; after <a_0>: <b_0> .2 / <b_1> .8; after <a_1>
+# only <b_0>. Items: 1 = <a_0><b_1> .56, 3 = <a_1><b_0> .3, 2 = <a_0><b_0> .14.
+NEXT = {(): {5: 0.7, 6: 0.3}, (5,): {7: 0.2, 8: 0.8}, (6,): {7: 1.0}}
+
+
+def run_beams(tmp_path, num_beams: int, num_samples: int = 1) -> list:
+    search = SIDBeamSearch(load_sid_trie(str(write_sid_trie(INDEX, TOKENS, [EOS], tmp_path))), num_samples, num_beams)
+    rounds = 0
+    while queries := search.pending():
+        # What vLLM returns: the top tokens' masked log-probs, plus masked-out tokens at -inf (ignored).
+        search.update([{**{t: math.log(p) for t, p in NEXT[prefix].items()}, 11: float("-inf")}
+                       for _, prefix in queries])
+        rounds += 1
+    assert rounds == 2
+    return search.results()
+
+
+def test_beam_search_keeps_the_best_beams_and_ranks_finished_sids(tmp_path):
+    (best3,) = run_beams(tmp_path, 3)
+    assert [seq for seq, _ in best3] == [(5, 8), (6, 7), (5, 7)]
+    assert [score for _, score in best3] == pytest.approx([math.log(0.56), math.log(0.3), math.log(0.14)])
+    # Two beams: after round 1 both prefixes live; round 2 keeps the two best of .56, .3 and .14.
+    assert [[seq for seq, _ in hits] for hits in run_beams(tmp_path, 2, num_samples=2)] == [[(5, 8), (6, 7)]] * 2
+    # One beam is greedy: <a_0> (.7 > .3), then <b_1>.
+    assert [seq for seq, _ in run_beams(tmp_path, 1)[0]] == [(5, 8)]
+
+
+def test_a_prefix_request_masks_from_where_the_beam_stands(tmp_path):
+    path = str(write_sid_trie(INDEX, TOKENS, [EOS], tmp_path))
+    mask = request_mask({SID_TRIE_ARG: path, SID_PREFIX_ARG: [5]})
+    assert kept(mask([], torch.zeros(V))) == [7, 8] and kept(mask([8], torch.zeros(V))) == [EOS]
+    with pytest.raises(ValueError, match="not the start of any item"):
+        check_sid_trie_arg({SID_TRIE_ARG: path, SID_PREFIX_ARG: [7]})
+    with pytest.raises(ValueError, match="list of token ids"):
+        check_sid_trie_arg({SID_PREFIX_ARG: [5]})
