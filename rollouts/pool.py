@@ -74,25 +74,21 @@ class RolloutPool:
         rollout_cfg: RolloutConfig,
         cluster_cfg: ClusterConfig,
         seed: int,
-        scheduling_strategy: Any | Sequence[Any] | None = None,
         num_gpus_per_worker: float | None = None,
         restart_timeout_s: float = 600.0,
         enforce_eager: bool = False,
         actor_options: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        """`scheduling_strategy`: one Ray scheduling strategy for every worker (e.g. a
-        `PlacementGroupSchedulingStrategy`), or one per worker (e.g. one bundle index each). `num_gpus_per_worker`
-        defaults to 1 on a cluster with GPUs, `rollout.gpu_memory_utilization` of the device when colocated, 0 on CPU.
-        `restart_timeout_s` bounds the wait for a restarted worker; `enforce_eager` skips vLLM's compile warm-up.
-        `actor_options`: one mapping of Ray actor options per worker that overrides those defaults, e.g. the
-        `num_cpus`/`num_gpus`/`scheduling_strategy` of its placement-group bundle (`rl.placement_groups`); the
-        Trainer passes them, and a restarted worker keeps them (same bundle).
+        """`num_gpus_per_worker` defaults to 1 on a cluster with GPUs, `rollout.gpu_memory_utilization` of the device
+        when colocated, 0 on CPU. `restart_timeout_s` bounds the wait for a restarted worker; `enforce_eager` skips
+        vLLM's compile warm-up. `actor_options`: one mapping of Ray actor options per worker that overrides those
+        defaults, e.g. the `num_cpus`/`num_gpus`/`scheduling_strategy` of its placement-group bundle
+        (`rl.placement_groups`); the Trainer passes them, and a restarted worker keeps them (same bundle).
         """
         self.rollout_cfg = rollout_cfg
         self.max_restarts = cluster_cfg.max_restarts
         self.restart_timeout_s = restart_timeout_s
         num_workers = rollout_cfg.num_workers
-        strategies = self._strategies(scheduling_strategy, num_workers)
         per_worker = list(actor_options) if actor_options is not None else [{}] * num_workers
         if len(per_worker) != num_workers:
             raise ValueError(f"{len(per_worker)} actor_options for {num_workers} rollout workers; pass one per worker.")
@@ -109,8 +105,7 @@ class RolloutPool:
             actor_cls.options(
                 max_restarts=cluster_cfg.max_restarts,
                 max_task_retries=0,  # the pool re-issues work itself, after re-applying the current weights
-                **{"num_cpus": 1, "num_gpus": num_gpus_per_worker, "scheduling_strategy": strategies[worker],
-                   **per_worker[worker]},
+                **{"num_cpus": 1, "num_gpus": num_gpus_per_worker, **per_worker[worker]},
             ).remote(
                 model_path,
                 dtype=model_cfg.dtype,
@@ -132,17 +127,6 @@ class RolloutPool:
         self._closed = False
         ray.get([actor.health.remote() for actor in self._actors])  # engine build errors surface here
         log.info("RolloutPool: %d worker(s) ready for %s.", num_workers, model_path)
-
-    @staticmethod
-    def _strategies(strategy: Any | Sequence[Any] | None, num_workers: int) -> list[Any]:
-        if isinstance(strategy, Sequence) and not isinstance(strategy, str):
-            if len(strategy) != num_workers:
-                raise ValueError(
-                    f"{len(strategy)} scheduling strategies for {num_workers} rollout workers; pass one per worker "
-                    "or a single one for all."
-                )
-            return list(strategy)
-        return [strategy] * num_workers
 
     @property
     def num_workers(self) -> int:
