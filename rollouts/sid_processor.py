@@ -9,7 +9,8 @@ is here and runs without vLLM:
 - a request opts in with `SamplingParams(extra_args={SID_TRIE_ARG: path})`; `check_sid_trie_arg` validates that
   key when vLLM accepts the request, and `request_mask` builds the request's `SIDTrieMask` (None = unconstrained);
 - `SIDTrieMask` keeps, at each step, only the tokens that continue a valid SID (the end ids once the SID is complete),
-  so every constrained completion is exactly one real item's SID.
+  so every constrained completion is exactly one real item's SID; `SID_PREFIX_ARG` starts it mid-SID;
+- `SIDBeamSearch` is the bookkeeping of the worker's trie-constrained beam search (`RolloutWorker.beam_search_sids`).
 
 The sampler's log-probs are those of the masked distribution (the one sampled from). So that the learner trains that
 same policy, each constrained rollout also records the token ids the mask allowed at every completion position
@@ -99,7 +100,7 @@ class SIDTrieMask:
         return self.trie.mask_logits_(logits_V, node=self.node)
 
     def advance(self, output_token_ids: Sequence[int]) -> None:
-        """Walk the trie along the tokens added since the last call (from the root if the list shrank)."""
+        """Walk the trie along the tokens added since the last call (from the start again if the list shrank)."""
         if len(output_token_ids) < self.num_seen:
             self.node, self.num_seen = self.start, 0
         for token in output_token_ids[self.num_seen:]:
