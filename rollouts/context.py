@@ -41,23 +41,26 @@ HISTORY_MODES: tuple[str, ...] = ("full", "last_k", "semantic_context")
 
 SYSTEM_PROMPT = (
     "You operate a web page to complete a task. Each turn you see the task and the page's elements, one per line: "
-    '[ID] tag "text" @(left,top,width x height). Answer with one action on the last line.\n'
-    f"{GRAMMAR}\n"
-    'Example: to click the element listed as [4] button "OK", answer: click(4)'
+    'tag "text" [ID] @(left,top,width x height). Answer in two lines: first the target element\'s "text" [ID] '
+    "copied from the list, then one action.\n"
+    f"{GRAMMAR}"
 )
-"""Default system prompt for element-list observations (the embedded SmolLM2 gets a one-shot example)."""
+"""Default system prompt for element-list observations. The copy line before the action lets a small model find the
+id by copying (text, then the id that follows it in the list) rather than recalling it; see `DEMONSTRATION`."""
 SCREENSHOT_SYSTEM_PROMPT = (
     "You operate a web page to complete a task. Each turn you see a screenshot of the page (160x210 pixels) and the "
     "task. Answer with one action on the last line, clicking by pixel coordinates: click(X, Y).\n" + GRAMMAR
 )
 """Default system prompt for screenshot observations (vision-language models, `gui.observation: screenshot`)."""
 DEMONSTRATION: tuple[tuple[str, str], ...] = ((
-    'Task: Click on the "OK" button.\nElements:\n[4] button "Cancel" @(2,52,50x21)\n[5] button "OK" @(60,52,40x21)\n'
-    '[6] div "lorem ipsum dolor" @(2,80,156x11)',
-    "click(5)",
+    'Task: Click on the "OK" button.\nElements:\nbutton "Cancel" [4] @(2,52,50x21)\nbutton "OK" [5] @(60,52,40x21)\n'
+    'div "lorem ipsum dolor" [6] @(2,80,156x11)',
+    '"OK" [5]\nclick(5)',
 ),)
-"""A one-shot example exchange (made-up screen, answer) placed before the first screen (`gui.demonstration`). The
-embedded SmolLM2-135M answers MiniWoB click tasks with a parsable action in ~80% of samples with it, ~3% without."""
+"""A one-shot example exchange (made-up screen, answer) placed before the first screen (`gui.demonstration`). Without
+it the embedded SmolLM2-135M rarely answers with a parsable action. Greedy, on the learning check's 64 held-out
+click-button/click-link episodes it picks the named element in 29 with this copy-then-act answer and text-first
+lines, against 12 with the earlier `[5] button "OK"` lines answered by a bare `click(5)` (chance level)."""
 MODEL_SUMMARY_INSTRUCTION = (
     "\nBefore the action, write one line `Summary: <what this step does and why>`; it is all you will remember "
     "of this step."

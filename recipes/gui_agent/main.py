@@ -2,11 +2,12 @@
 
 Each training sample is a task instance (task, seed); G episodes of it are played by the policy, multi-turn and
 token-in/token-out on vLLM (rollouts/multiturn.py), against MiniWoB++ pages in Chromium environment actors
-(rollouts/envs/). Each turn the model sees the screen as an element list (`[4] button "Next" @(2,52,43x21)`) under
+(rollouts/envs/). Each turn the model sees the screen as an element list (`button "Next" [4] @(2,52,43x21)`) under
 the configured history mode (`gui.history`: full / last_k / semantic_context, rollouts/context.py) and answers with
-one action (`click(4)`, `type(6, "text")`, ...). Rewards (debug.yaml): `gui_task`, the environment's task success
-minus 0.1 per unparsable answer with step-efficiency decay among a group's successes, and `gui_step`, action
-matching against the scripted reference action where the task has one (rewards/gui.py). Advantages are
+the target copied from the list, then one action (`"Next" [4]` / `click(4)`; `type(6, "text")`, ...). Rewards
+(debug.yaml): `gui_task`, the environment's task success minus 0.1 per unparsable answer with step-efficiency decay
+among a group's successes, and `gui_step`, exact matching against the scripted reference action where the task has
+one (rewards/gui.py; `type_weight: 0`, so a valid but wrong click earns nothing). Advantages are
 trajectory-level GRPO over the G episodes; when history compression splits an episode into several training
 sequences (one per rebuilt prompt), they share the trajectory's advantage with 1/|tau| normalisation over the
 trajectory's action tokens (`rollouts.multiturn.segment_advantages`). Evaluation: greedy episodes on held-out seeds,

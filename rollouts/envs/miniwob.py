@@ -6,7 +6,7 @@ driver, `bash cluster/install_gui_deps.sh` (`apt-get install -y chromium chromiu
     from rollouts.envs.miniwob import MiniWoBConfig, MiniWoBEnv
     env = MiniWoBEnv(MiniWoBConfig(screenshot_dir="/tmp/shots"))
     obs = env.reset("enter-text", seed=3)
-    print(obs.text)        # instruction + "[5] input_text#tt value=\"\" @(...)" lines
+    print(obs.text)        # instruction + "input_text#tt [5] value=\"\" @(...)" lines
     result = env.step('The field is [5].\ntype(5, "Kasey")')
     env.close()
 
