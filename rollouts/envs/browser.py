@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,22 @@ def _group_members(pgid: int) -> list[tuple[int, str, int]]:
     return members
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill_group(pgid: int, wait_s: float = 3.0) -> None:
+    """SIGKILL the group until none of its members is left alive (zombies aside), for at most `wait_s`: SIGKILL is
+    delivered asynchronously, and a browser may fork a helper while the first signal is on its way."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if not _group_members(pgid):
+            return
+        if time.monotonic() > deadline:
+            log.warning("Browser process group %d still has live members %s after SIGKILL.", pgid,
+                        [pid for pid, _, _ in _group_members(pgid)])
+            return
+        time.sleep(0.02)
 
 
 def _reap_orphaned_browsers() -> None:
