@@ -27,6 +27,8 @@ for _module in ("selenium", "miniwob"):
     if importlib.util.find_spec(_module) is None:
         pytest.skip(f"{_module} is not installed: pip install -e '.[gui]'.", allow_module_level=True)
 
+from conftest import read_steps  # noqa: E402
+
 from recipes.gui_agent.main import main as run_recipe  # noqa: E402
 from rl.config import load_config  # noqa: E402
 from rl.trainer import build_train_batch  # noqa: E402
@@ -207,12 +209,9 @@ LEARNING_OVERRIDES = [
 ]
 
 
-def learning_report(run_dir: Path, wall_s: float) -> dict:
+def learning_report(run_dir: Path, temperature: float, wall_s: float) -> dict:
     """The learning check's numbers from `metrics.jsonl` (last row per step wins, so a resumed run reads once)."""
-    rows: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row.pop("step"), {}).update(row)
+    rows = read_steps(run_dir)
     train = {s: m for s, m in sorted(rows.items()) if "traj/success_rate" in m}
     keys = ("traj/success_rate", "traj/invalid_action_frac", "reward/total", "timing/step", "timing/rollout",
             "timing/train")
@@ -227,8 +226,7 @@ def learning_report(run_dir: Path, wall_s: float) -> dict:
                          for s, m in sorted(rows.items()) if "eval/success_rate" in m},
         "train_by_step": {str(s): {k.split("/")[-1] if k.startswith("traj/") else k: round(m[k], 4) for k in keys
                                    if k in m} for s, m in train.items()},
-        "temperature": float(next((o.split("=", 1)[1] for o in LEARNING_OVERRIDES
-                                   if o.startswith("rollout.temperature=")), 1.0)),
+        "temperature": temperature,
         "seconds_per_step_mean": round(sum(m["timing/step"] for m in train.values()) / len(train), 1),
         "wall_s_last_invocation": round(wall_s, 1),
     }
@@ -292,7 +290,7 @@ def test_gui_agent_learning_check_embedded_model(ray_local):
         *LEARNING_OVERRIDES, "run.name=learning-check-gui_agent", f"run.output_dir={ROOT / 'runs'}"])
     t0 = time.perf_counter()
     run_dir = run_recipe(cfg)
-    report = learning_report(run_dir, time.perf_counter() - t0)
+    report = learning_report(run_dir, cfg.rollout.temperature, time.perf_counter() - t0)
     (ROOT / "recipes/gui_agent/learning_check.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_learning_report(report, ROOT / "recipes/gui_agent/learning_check.png")
     print(json.dumps({k: v for k, v in report.items() if k != "train_by_step"}, indent=1))
