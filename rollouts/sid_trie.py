@@ -17,7 +17,7 @@ Shape legend: S samples, B beams, P prompt tokens, T tokens so far, V vocabulary
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -179,42 +179,70 @@ def _last_logits_BV(model: Any, input_ids_BT: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1, :].float().cpu()
 
 
-@torch.no_grad()
-def constrained_beam_search(model: Any, prompt_ids: Sequence[int] | torch.Tensor, trie: SIDTrie, *, num_beams: int,
-                            top_k: int | None = None) -> list[BeamHit]:
-    """The `top_k` (≤ num_beams) most likely items under `model` after `prompt_ids`, searching only valid SIDs.
+Beam = tuple[int, tuple[int, ...]]
+"""(sample index, SID token ids chosen so far): one beam to extend."""
+NextLogprobs = Callable[[list[Beam]], list[Mapping[int, float]]]
+"""Per beam, token id → log-prob of the next token renormalised over the tokens the trie allows after the beam's
+prefix. It must cover the beam's top `num_beams` allowed tokens (all of them will do); other entries (tokens the trie
+does not allow there, non-finite values) are ignored."""
 
-    Beam search over the trie: each step scores every allowed continuation of every beam with the model's log-softmax
-    over the allowed tokens (what masking the logits to the trie gives) and keeps the `num_beams` best; beams that
-    finish an SID leave the search. With num_beams ≥ the number of items it is exact. Put the model in eval mode.
+
+def trie_beam_search(trie: SIDTrie, num_samples: int, next_logprobs: NextLogprobs, *, num_beams: int,
+                     top_k: int | None = None) -> list[list[tuple[tuple[int, ...], float]]]:
+    """Per sample, its `top_k` (≤ num_beams) most likely valid SIDs as (token ids, log-prob), best first.
+
+    Each round `next_logprobs` scores every live beam of every sample at once (one model batch); each sample keeps
+    its `num_beams` best continuations, and those that complete an SID leave the search. A sample is done once its
+    `top_k` best finished SIDs beat its best live beam (log-probs only fall as beams grow). With num_beams ≥ the
+    number of items it is exact. Scorers: transformers (`constrained_beam_search`), vLLM
+    (`rollouts.engine.RolloutWorker.beam_search_sids`).
     """
     top_k = num_beams if top_k is None else top_k
     if not 1 <= top_k <= num_beams:
         raise ValueError(f"top_k={top_k} must be between 1 and num_beams={num_beams}.")
+    live: list[list[tuple[float, tuple[int, ...], int]]] = [[(0.0, (), ROOT)] for _ in range(num_samples)]
+    finished: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(num_samples)]
+    while queries := [(n, beam) for n, beams in enumerate(live) for beam in beams]:
+        scored = next_logprobs([(n, seq) for n, (_, seq, _) in queries])
+        if len(scored) != len(queries):
+            raise ValueError(f"next_logprobs returned {len(scored)} results for {len(queries)} beams.")
+        candidates: list[list[tuple[float, tuple[int, ...], int]]] = [[] for _ in range(num_samples)]
+        for (n, (score, seq, node)), logprobs in zip(queries, scored, strict=True):
+            for token in trie.allowed_at(node):
+                lp = logprobs.get(token, float("-inf"))
+                if lp > float("-inf"):
+                    candidates[n].append((score + lp, (*seq, token), trie.step(node, token)))
+        for n, cands in enumerate(candidates):
+            cands.sort(key=lambda c: (-c[0], c[1]))  # ties broken by token ids: deterministic
+            live[n] = []
+            for score, seq, node in cands[:num_beams]:
+                (finished[n].append((score, seq)) if trie.is_leaf(node) else live[n].append((score, seq, node)))
+            finished[n].sort(key=lambda c: (-c[0], c[1]))
+            if len(finished[n]) >= top_k and (not live[n] or live[n][0][0] <= finished[n][top_k - 1][0]):
+                live[n] = []
+    return [[(seq, score) for score, seq in done[:top_k]] for done in finished]
+
+
+@torch.no_grad()
+def constrained_beam_search(model: Any, prompt_ids: Sequence[int] | torch.Tensor, trie: SIDTrie, *, num_beams: int,
+                            top_k: int | None = None) -> list[BeamHit]:
+    """The `top_k` (≤ num_beams) most likely items under `model` after `prompt_ids`, searching only valid SIDs
+    (`trie_beam_search` scored by the model's log-softmax over the allowed tokens, what masking the logits to the trie
+    gives). Put the model in eval mode."""
     prompt_P = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-    beams: list[tuple[float, tuple[int, ...], int]] = [(0.0, (), ROOT)]
-    finished: list[BeamHit] = []
-    while beams:
-        suffix_BT = torch.tensor([seq for _, seq, _ in beams], dtype=torch.long).reshape(len(beams), -1)
+
+    def next_logprobs(beams: list[Beam]) -> list[Mapping[int, float]]:
+        suffix_BT = torch.tensor([seq for _, seq in beams], dtype=torch.long).reshape(len(beams), -1)
         logits_BV = _last_logits_BV(model, torch.cat([prompt_P.expand(len(beams), -1), suffix_BT], dim=1))
-        candidates = []
-        for b, (score, seq, node) in enumerate(beams):
-            allowed = trie.allowed_tensor(node) if not trie.is_leaf(node) else torch.empty(0, dtype=torch.long)
-            logprobs = torch.log_softmax(logits_BV[b, allowed], dim=-1)
-            for token, lp in zip(allowed.tolist(), logprobs.tolist(), strict=True):
-                candidates.append((score + lp, seq + (token,), trie.step(node, token)))
-        candidates.sort(key=lambda c: (-c[0], c[1]))  # ties broken by token ids: deterministic
-        beams = []
-        for score, seq, node in candidates[:num_beams]:
-            if trie.is_leaf(node):
-                finished.append(BeamHit(item_id=trie.item_at(node), token_ids=seq, logprob=score))
-            else:
-                beams.append((score, seq, node))
-        finished.sort(key=lambda h: (-h.logprob, h.token_ids))
-        # Log-probs only fall as beams grow: once top_k hits beat every live beam, nothing can overtake them.
-        if len(finished) >= top_k and (not beams or beams[0][0] <= finished[top_k - 1].logprob):
-            break
-    return finished[:top_k]
+        out = []
+        for b, (_, seq) in enumerate(beams):
+            allowed = trie.allowed_tensor(trie.node_for(seq))
+            out.append(dict(zip(allowed.tolist(), torch.log_softmax(logits_BV[b, allowed], dim=-1).tolist(),
+                                strict=True)))
+        return out
+
+    (hits,) = trie_beam_search(trie, 1, next_logprobs, num_beams=num_beams, top_k=top_k)
+    return [BeamHit(item_id=trie.item_for(seq), token_ids=seq, logprob=score) for seq, score in hits]
 
 
 def constrained_greedy(model: Any, prompt_ids: Sequence[int] | torch.Tensor, trie: SIDTrie) -> BeamHit:

@@ -15,13 +15,13 @@ from rollouts.sid import SIDIndex
 from rollouts.sid_processor import (
     SID_PREFIX_ARG,
     SID_TRIE_ARG,
-    SIDBeamSearch,
     SIDTrieMask,
     check_sid_trie_arg,
     load_sid_trie,
     request_mask,
     write_sid_trie,
 )
+from rollouts.sid_trie import trie_beam_search
 from rollouts.weight_receiver import WeightsDirError, reload_files
 
 EOS, V = 2, 12
@@ -96,7 +96,7 @@ def test_a_tied_model_needs_the_embedding_or_an_lm_head(tmp_path):
         reload_files(str(tmp_path), tied_embeddings=True)
 
 
-# -- beam search bookkeeping (the rollout worker drives it with vLLM's masked top-k log-probs) ----------------------
+# -- beam search over the trie (the rollout worker scores it with vLLM's masked top-k log-probs) ----------------
 
 # Next-token probabilities under the trie mask: <a_0> .7 / <a_1> .3; after <a_0>: <b_0> .2 / <b_1> .8; after <a_1>
 # only <b_0>. Items: 1 = <a_0><b_1> .56, 3 = <a_1><b_0> .3, 2 = <a_0><b_0> .14.
@@ -104,15 +104,17 @@ NEXT = {(): {5: 0.7, 6: 0.3}, (5,): {7: 0.2, 8: 0.8}, (6,): {7: 1.0}}
 
 
 def run_beams(tmp_path, num_beams: int, num_samples: int = 1) -> list:
-    search = SIDBeamSearch(load_sid_trie(str(write_sid_trie(INDEX, TOKENS, [EOS], tmp_path))), num_samples, num_beams)
-    rounds = 0
-    while queries := search.pending():
+    trie = load_sid_trie(str(write_sid_trie(INDEX, TOKENS, [EOS], tmp_path)))
+    rounds = []
+
+    def next_logprobs(beams):
+        rounds.append(len(beams))
         # What vLLM returns: the top tokens' masked log-probs, plus masked-out tokens at -inf (ignored).
-        search.update([{**{t: math.log(p) for t, p in NEXT[prefix].items()}, 11: float("-inf")}
-                       for _, prefix in queries])
-        rounds += 1
-    assert rounds == 2
-    return search.results()
+        return [{**{t: math.log(p) for t, p in NEXT[prefix].items()}, 11: float("-inf")} for _, prefix in beams]
+
+    hits = trie_beam_search(trie, num_samples, next_logprobs, num_beams=num_beams)
+    assert len(rounds) == 2  # one round per SID level, every sample's beams scored together
+    return hits
 
 
 def test_beam_search_keeps_the_best_beams_and_ranks_finished_sids(tmp_path):
